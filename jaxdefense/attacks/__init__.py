@@ -1,0 +1,32 @@
+"""Attacks on models as deployed (eval mode, gradients through the defense's masks)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+
+from jaxdefense.attacks import losses
+from jaxdefense.attacks.pgd import ModelFn, fgsm, input_gradient, pgd, project, uniform_start
+
+
+def deployed(model: Any, variables: Any) -> ModelFn:
+  """The model as deployed: eval mode (BN running statistics, CAS mask from its own
+  prediction, FSR's fixed U = 0.5 Gumbel mask)."""
+  return lambda x: model.apply(variables, x, train=False)
+
+
+def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..., jax.Array]:
+  """A jit-compiled `(variables, x, labels, key) -> x_adv` for standalone use, e.g.
+  `attacks.make(model, attacks.pgd, eps=8/255, step_size=2/255, steps=10)`."""
+  @jax.jit
+  def run(variables, x, labels, key=None):
+    fn = deployed(model, variables)
+    if attack is fgsm:
+      return fgsm(fn, x, labels, **options)
+    return attack(fn, x, labels, key, **options)
+  return run
+
+
+__all__ = ["ModelFn", "deployed", "fgsm", "input_gradient", "losses", "make", "pgd", "project",
+           "uniform_start"]

@@ -1,0 +1,124 @@
+"""Defenses that any backbone can host at its named insertion points.
+
+A backbone calls `Hooks(...)(site, x)` at each insertion point; the hook applies the
+configured defense module there (or nothing) and records the module's auxiliary logits in
+`ModelOutput.aux` under `"<defense>/<site>[/<part>]"`. `aux_loss` turns those into the
+defense's per-example auxiliary loss, so objectives and attacks never special-case a
+defense.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdefense.defenses import cas, fsr
+
+NAMES = ("none", "cas", "fsr")
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+  """Which defense, where, and its hyper-parameters (METHOD.md sections 1-2).
+
+  `sites` are insertion-point names or glob patterns (`"layer4.*"`); None means the
+  authors' placement for the host backbone.
+  """
+  name: str = "none"
+  sites: tuple[str, ...] | None = None
+  beta: float = 2.0      # CAS: weight of the mean auxiliary CE.
+  tau: float = 0.1       # FSR: Gumbel-sigmoid temperature.
+  lam_sep: float = 1.0   # FSR: weight of the separation CE terms.
+  lam_rec: float = 1.0   # FSR: weight of the recalibration CE term.
+  hidden: int = 64       # FSR: width of the separation / recalibration nets.
+
+  def __post_init__(self):
+    if self.name not in NAMES:
+      raise ValueError(f"unknown defense {self.name!r}; allowed: {', '.join(NAMES)}")
+    if self.sites is not None:
+      if isinstance(self.sites, str):
+        object.__setattr__(self, "sites", (self.sites,))
+      object.__setattr__(self, "sites", tuple(self.sites))
+    for field in ("beta", "lam_sep", "lam_rec"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"defense.{field} must be >= 0, got {getattr(self, field)}")
+    if not self.tau > 0:
+      raise ValueError(f"defense.tau must be > 0, got {self.tau}")
+    if self.hidden < 1:
+      raise ValueError(f"defense.hidden must be >= 1, got {self.hidden}")
+
+
+def resolve_sites(patterns: tuple[str, ...], available: tuple[str, ...],
+                  host: str) -> frozenset[str]:
+  """Expands site names / glob patterns against a backbone's insertion points."""
+  chosen = set()
+  for pattern in patterns:
+    matched = fnmatch.filter(available, pattern)
+    if not matched:
+      raise ValueError(
+          f"defense site {pattern!r} is not an insertion point of {host}; "
+          f"available: {', '.join(available)} (glob patterns such as 'layer4.*' work)")
+    chosen.update(matched)
+  return frozenset(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inits:
+  """The host backbone's weight initialisers, reused by the defense modules it hosts
+  (the authors initialise every submodule with the backbone's scheme)."""
+  conv: Callable[..., Any]
+  dense_kernel: Callable[..., Any]
+  dense_bias: Callable[[int], Callable[..., Any]]
+
+
+class Hooks:
+  """Applies the configured defense at the backbone's chosen insertion points.
+
+  Created inside a backbone's `@nn.compact __call__`; the defense modules it builds
+  become submodules of that backbone, named `cas_<site>` / `fsr_<site>`.
+  """
+
+  def __init__(self, defense: DefenseConfig, active: frozenset[str], *, num_classes: int,
+               labels: jax.Array | None, train: bool, stochastic_mask: bool,
+               inits: Inits, dtype: Any):
+    if defense.name == "cas" and train and labels is None:
+      raise ValueError("CAS in training mode masks channels by the ground-truth label: "
+                       "pass labels=... to the model when train=True")
+    self.defense = defense
+    self.active = active if defense.name != "none" else frozenset()
+    self.num_classes = num_classes
+    self.labels = labels
+    self.train = train
+    self.stochastic_mask = stochastic_mask
+    self.inits = inits
+    self.dtype = dtype
+    self.aux: dict[str, jax.Array] = {}
+
+  def __call__(self, site: str, x: jax.Array) -> jax.Array:
+    if site not in self.active:
+      return x
+    name = site.replace(".", "_")
+    if self.defense.name == "cas":
+      x, logits = cas.CAS(self.num_classes, inits=self.inits, dtype=self.dtype,
+                          name=f"cas_{name}")(x, self.labels, train=self.train)
+      self.aux[f"cas/{site}"] = logits
+    else:
+      x, parts = fsr.FSR(self.num_classes, tau=self.defense.tau, hidden=self.defense.hidden,
+                         inits=self.inits, dtype=self.dtype, name=f"fsr_{name}")(
+                             x, train=self.train, stochastic=self.stochastic_mask)
+      for part, logits in parts.items():
+        self.aux[f"fsr/{site}/{part}"] = logits
+    return x
+
+
+def aux_loss(defense: DefenseConfig, logits: jax.Array, aux: dict[str, jax.Array],
+             labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The defense's per-example auxiliary loss and its named parts (each shape (N,))."""
+  if defense.name == "cas":
+    return cas.aux_loss(aux, labels, beta=defense.beta)
+  if defense.name == "fsr":
+    return fsr.aux_loss(logits, aux, labels, lam_sep=defense.lam_sep, lam_rec=defense.lam_rec)
+  return jnp.zeros(labels.shape, jnp.float32), {}

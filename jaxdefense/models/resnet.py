@@ -1,0 +1,150 @@
+"""ResNet-18/34/50 for small images (3x3 stem, no max-pool) and PreAct ResNet-18.
+
+Insertion points: `stem` (after the stem's BN-ReLU) and `layer<s>.<b>` (output of block b
+of stage s, 1-based stages, 0-based blocks); PreAct ResNet adds `final` (the last BN-ReLU,
+before pooling). Authors' placements: CAS on every block of the last stage (Bai et al.);
+FSR after the last stage (Kim et al.). Initialisation: PyTorch's defaults, as both
+authors' ResNets use.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdefense.models import common
+
+INITS = common.TORCH_DEFAULT
+WIDTHS = (64, 128, 256, 512)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                 use_bias=False, kernel_init=INITS.conv, dtype=dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+  features: int
+  stride: int
+  train: bool
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    out = _conv(self.features, 3, self.stride, self.dtype)(x)
+    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    out = _conv(self.features, 3, 1, self.dtype)(out)
+    out = common.batch_norm(self.train, self.dtype)(out)
+    return nn.relu(out + _shortcut(x, self.features, self.stride, self.train, self.dtype))
+
+
+class Bottleneck(nn.Module):
+  features: int
+  stride: int
+  train: bool
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(common.batch_norm(self.train, self.dtype)(_conv(self.features, 1, 1, self.dtype)(x)))
+    out = _conv(self.features, 3, self.stride, self.dtype)(out)
+    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    out = _conv(self.features * 4, 1, 1, self.dtype)(out)
+    out = common.batch_norm(self.train, self.dtype)(out)
+    return nn.relu(out + _shortcut(x, self.features * 4, self.stride, self.train, self.dtype))
+
+
+def _shortcut(x, features: int, stride: int, train: bool, dtype):
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = _conv(features, 1, stride, dtype, name="shortcut_conv")(x)
+  return common.batch_norm(train, dtype, name="shortcut_bn")(x)
+
+
+class ResNet(common.Backbone):
+  """He et al.'s ResNet with the CIFAR stem; `stage_sizes` blocks per stage."""
+  stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+  bottleneck: bool = False
+
+  def insertion_points(self) -> tuple[str, ...]:
+    return ("stem",) + tuple(f"layer{s + 1}.{b}" for s, n in enumerate(self.stage_sizes)
+                             for b in range(n))
+
+  def default_sites(self, defense_name: str) -> tuple[str, ...]:
+    last = len(self.stage_sizes)
+    if defense_name == "cas":
+      return (f"layer{last}.*",)
+    return (f"layer{last}.{self.stage_sizes[-1] - 1}",)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
+               stochastic_mask: bool | None = None) -> common.ModelOutput:
+    hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
+    x = x.astype(self.dtype)
+    x = nn.relu(common.batch_norm(train, self.dtype)(_conv(64, 3, 1, self.dtype)(x)))
+    x = hooks("stem", x)
+    block = Bottleneck if self.bottleneck else BasicBlock
+    for s, num_blocks in enumerate(self.stage_sizes):
+      for b in range(num_blocks):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = block(WIDTHS[s], stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = hooks(f"layer{s + 1}.{b}", x)
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
+                      bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)
+    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+
+
+class PreActBlock(nn.Module):
+  features: int
+  stride: int
+  train: bool
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(common.batch_norm(self.train, self.dtype)(x))
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = _conv(self.features, 1, self.stride, self.dtype, name="shortcut_conv")(out)
+    out = _conv(self.features, 3, self.stride, self.dtype)(out)
+    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    return _conv(self.features, 3, 1, self.dtype)(out) + shortcut
+
+
+class PreActResNet(common.Backbone):
+  """He et al.'s pre-activation ResNet (identity mappings), CIFAR stem."""
+  stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+
+  def insertion_points(self) -> tuple[str, ...]:
+    return (("stem",) + tuple(f"layer{s + 1}.{b}" for s, n in enumerate(self.stage_sizes)
+                              for b in range(n)) + ("final",))
+
+  def default_sites(self, defense_name: str) -> tuple[str, ...]:
+    if defense_name == "cas":
+      return (f"layer{len(self.stage_sizes)}.*",)
+    return ("final",)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
+               stochastic_mask: bool | None = None) -> common.ModelOutput:
+    hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
+    x = hooks("stem", _conv(64, 3, 1, self.dtype)(x.astype(self.dtype)))
+    for s, num_blocks in enumerate(self.stage_sizes):
+      for b in range(num_blocks):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = PreActBlock(WIDTHS[s], stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = hooks(f"layer{s + 1}.{b}", x)
+    x = hooks("final", nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(x)))
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
+                      bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)
+    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=True)
+PreActResNet18 = functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2))

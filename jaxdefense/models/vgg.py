@@ -1,0 +1,68 @@
+"""VGG-16 with BatchNorm for small images.
+
+Five stages of conv3x3(+bias)-BN-ReLU layers (64x2, 128x2, 256x3, 512x3, 512x3), each
+stage followed by 2x2 max-pooling, then global average pooling and a three-layer
+classifier (512-512-K). Insertion points: `stage<s>.<c>` (output of conv layer c of stage
+s, after its ReLU, before any pooling). Authors' placements: CAS on every layer of stage 5
+(Bai et al.); FSR after stage 4, before its max-pool (Kim et al.). Initialisation as the
+FSR code: He-normal (fan_out) convolutions, N(0, 0.01) Linear weights, zero biases.
+`classifier_batchnorm=True` gives the CAS code's Linear-BN-ReLU classifier instead.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdefense import defenses
+from jaxdefense.models import common
+
+INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=nn.initializers.normal(0.01),
+                       dense_bias=common.zeros_bias_init)
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class VGG(common.Backbone):
+  stages: tuple[tuple[int, ...], ...] = VGG16_STAGES
+  classifier_batchnorm: bool = False
+
+  def insertion_points(self) -> tuple[str, ...]:
+    return tuple(f"stage{s + 1}.{c}" for s, widths in enumerate(self.stages)
+                 for c in range(len(widths)))
+
+  def default_sites(self, defense_name: str) -> tuple[str, ...]:
+    last = len(self.stages)
+    if defense_name == "cas":
+      return (f"stage{last}.*",)
+    return (f"stage{last - 1}.{len(self.stages[-2]) - 1}",)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
+               stochastic_mask: bool | None = None) -> common.ModelOutput:
+    hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
+    min_size = 2 ** len(self.stages)
+    if x.shape[1] < min_size or x.shape[2] < min_size:
+      raise ValueError(f"VGG with {len(self.stages)} pooling stages needs images of at least "
+                       f"{min_size}x{min_size}; got {x.shape[1]}x{x.shape[2]}")
+    x = x.astype(self.dtype)
+    for s, widths in enumerate(self.stages):
+      for c, features in enumerate(widths):
+        x = nn.Conv(features, (3, 3), padding=1, kernel_init=INITS.conv, dtype=self.dtype,
+                    name=f"stage{s + 1}_conv{c}")(x)
+        x = nn.relu(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))
+        x = hooks(f"stage{s + 1}.{c}", x)
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    for i in range(2):
+      x = nn.Dense(512, kernel_init=INITS.dense_kernel, dtype=self.dtype, name=f"fc{i}")(x)
+      if self.classifier_batchnorm:
+        x = common.batch_norm(train, self.dtype, name=f"fc{i}_bn")(x)
+      x = nn.relu(x)
+    logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel, dtype=self.dtype,
+                      name="classifier")(x)
+    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+
+
+VGG16 = functools.partial(VGG, stages=VGG16_STAGES)
