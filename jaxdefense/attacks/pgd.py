@@ -100,13 +100,17 @@ def default_unroll(steps: int) -> int:
 
 def pgd(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array | None = None, *,
         eps, step_size, steps: int, norm: str = "linf", random_start: bool = True,
-        loss: losses.LossFn = losses.cross_entropy, unroll: int | None = None) -> jax.Array:
+        loss: losses.LossFn = losses.cross_entropy, x_init: jax.Array | None = None,
+        unroll: int | None = None) -> jax.Array:
   """Projected gradient ascent on `loss`:
   x_{t+1} = P_{B(x, eps) ∩ [0,1]}(x_t + step_size * sign(grad))  (L-inf; L2 uses grad/||grad||),
-  from a uniform random point of the ball (`random_start`, needs `key`) or from x."""
+  from `x_init` (projected; e.g. TRADES' x + 0.001 N(0, 1)) if given, else from a uniform
+  random point of the ball (`random_start`, needs `key`), else from x."""
   _check(eps, steps, norm)
   x = x.astype(jnp.float32)
-  if random_start:
+  if x_init is not None:
+    x_adv = project(x_init.astype(jnp.float32), x, eps, norm)
+  elif random_start:
     if key is None:
       raise ValueError("pgd with random_start=True needs a PRNG key")
     x_adv = uniform_start(key, x, eps, norm)

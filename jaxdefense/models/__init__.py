@@ -19,6 +19,7 @@ from jaxdefense.models import resnet, vgg, wide_resnet
 from jaxdefense.models.common import ModelOutput, check_images, check_labels
 
 ARCHITECTURES = {
+    "resnet": resnet.ResNet,
     "resnet18": resnet.ResNet18,
     "resnet34": resnet.ResNet34,
     "resnet50": resnet.ResNet50,

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jaxdefense.models import common
 
 INITS = common.TORCH_DEFAULT
-WIDTHS = (64, 128, 256, 512)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> nn.Conv:
@@ -64,9 +63,11 @@ def _shortcut(x, features: int, stride: int, train: bool, dtype):
 
 
 class ResNet(common.Backbone):
-  """He et al.'s ResNet with the CIFAR stem; `stage_sizes` blocks per stage."""
+  """He et al.'s ResNet with the CIFAR stem; `stage_sizes` blocks per stage, stage s of
+  width `width * 2**s` (64: the standard widths 64-128-256-512)."""
   stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
   bottleneck: bool = False
+  width: int = 64
 
   def insertion_points(self) -> tuple[str, ...]:
     return ("stem",) + tuple(f"layer{s + 1}.{b}" for s, n in enumerate(self.stage_sizes)
@@ -83,13 +84,13 @@ class ResNet(common.Backbone):
                stochastic_mask: bool | None = None) -> common.ModelOutput:
     hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
     x = x.astype(self.dtype)
-    x = nn.relu(common.batch_norm(train, self.dtype)(_conv(64, 3, 1, self.dtype)(x)))
+    x = nn.relu(common.batch_norm(train, self.dtype)(_conv(self.width, 3, 1, self.dtype)(x)))
     x = hooks("stem", x)
     block = Bottleneck if self.bottleneck else BasicBlock
     for s, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         stride = 2 if s > 0 and b == 0 else 1
-        x = block(WIDTHS[s], stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = block(self.width * 2**s, stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
         x = hooks(f"layer{s + 1}.{b}", x)
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
@@ -115,8 +116,9 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(common.Backbone):
-  """He et al.'s pre-activation ResNet (identity mappings), CIFAR stem."""
+  """He et al.'s pre-activation ResNet (identity mappings), CIFAR stem, widths as ResNet."""
   stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+  width: int = 64
 
   def insertion_points(self) -> tuple[str, ...]:
     return (("stem",) + tuple(f"layer{s + 1}.{b}" for s, n in enumerate(self.stage_sizes)
@@ -131,11 +133,12 @@ class PreActResNet(common.Backbone):
   def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
                stochastic_mask: bool | None = None) -> common.ModelOutput:
     hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
-    x = hooks("stem", _conv(64, 3, 1, self.dtype)(x.astype(self.dtype)))
+    x = hooks("stem", _conv(self.width, 3, 1, self.dtype)(x.astype(self.dtype)))
     for s, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         stride = 2 if s > 0 and b == 0 else 1
-        x = PreActBlock(WIDTHS[s], stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = PreActBlock(self.width * 2**s, stride, train, self.dtype,
+                        name=f"layer{s + 1}_{b}")(x)
         x = hooks(f"layer{s + 1}.{b}", x)
     x = hooks("final", nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(x)))
     x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,16 @@
+r"""resnet18, PGD-AT + FSR (Kim et al., CVPR 2023; lam_sep = lam_rec = 1, tau = 0.1), CIFAR-10.
+
+    python main.py --config=configs/resnet18_fsr.py --workdir=workdirs/resnet18_fsr
+
+Append `:cifar100` or `:svhn` to the config path for the other data sets (SVHN: lr
+0.01, training step 1/255). The data must be prepared with `tfds build` first (README).
+The paper recipe (100 epochs, batch 128); not yet run with this code: no GPU or TPU was
+available where it was written, so no time or accuracy is claimed here — results.json and
+`main.py --mode=eval` give them. The papers report the gains this recipe should show
+(METHOD.md section 5).
+"""
+from jaxdefense import default_config
+
+
+def get_config(dataset: str = "cifar10"):
+  return default_config.paper_recipe("resnet18", "fsr", dataset or "cifar10")

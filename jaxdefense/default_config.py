@@ -1,0 +1,91 @@
+"""Every field a run reads, with the papers' defaults (METHOD.md section 3).
+
+Config files in `configs/` start from `get()` and change what their recipe needs; any field
+can be overridden on the command line, e.g. `--config.optim.lr=0.05`.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cifar10"             # cifar10 | cifar100 | svhn | digits | synthetic
+  c.data.data_dir = config_dict.placeholder(str)  # TFDS directory (default ~/tensorflow_datasets)
+  c.data.kwargs = ml_collections.ConfigDict()     # Extra arguments of data.load.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet18"           # See jaxdefense.models.ARCHITECTURES.
+  c.model.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
+  c.model.kwargs = ml_collections.ConfigDict()    # Architecture fields, e.g. depth, width.
+
+  c.defense = ml_collections.ConfigDict()
+  c.defense.name = "none"             # none | cas | fsr
+  c.defense.sites = ()                # Insertion points / globs; () = the authors' placement.
+  c.defense.beta = 2.0                # CAS loss weight.
+  c.defense.tau = 0.1                 # FSR Gumbel-sigmoid temperature.
+  c.defense.lam_sep = 1.0             # FSR separation loss weight.
+  c.defense.lam_rec = 1.0             # FSR recalibration loss weight.
+  c.defense.hidden = 64               # FSR separation / recalibration width.
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "pgd_at"         # pgd_at | trades | mart | natural
+  c.objective.beta = 6.0              # TRADES / MART robust-term weight.
+  c.objective.attack = ml_collections.ConfigDict()
+  c.objective.attack.eps = 8 / 255
+  c.objective.attack.step_size = 2 / 255
+  c.objective.attack.steps = 10
+  c.objective.attack.loss = "auto"    # auto (the authors' per defense) | ce | defense
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = "piecewise"      # piecewise | cosine | constant
+  c.optim.milestones = (75, 90)       # Epochs after which lr *= decay_factor (piecewise).
+  c.optim.decay_factor = 0.1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 100
+  c.train.batch_size = 128            # Global batch, split over all devices.
+  c.train.ema_decay = 0.0             # 0 turns the weight EMA off; else it is evaluated.
+  c.train.log_every_steps = 50
+  c.train.eval_every_epochs = 5
+  c.train.eval_examples = 1000        # Test points for in-training evaluation (0 = all).
+  c.train.eval_batch_size = 200
+  c.train.checkpoint_every_steps = 1000
+  c.train.keep_checkpoints = 3
+
+  c.eval_pgd = ml_collections.ConfigDict()  # The in-training robust accuracy (PGD-20).
+  c.eval_pgd.eps = 8 / 255
+  c.eval_pgd.step_size = 2 / 255
+  c.eval_pgd.steps = 20
+  c.eval_pgd.random_start = True
+  return c
+
+
+DATASETS = ("cifar10", "cifar100", "svhn")
+
+
+def paper_recipe(arch: str, defense: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
+  """The papers' PGD-AT recipe for `arch` + `defense` on `dataset` (METHOD.md sections 3, 7):
+  SGD 0.9, wd 5e-4, batch 128, 100 epochs, lr 0.1 (SVHN 0.01) x0.1 at 75 and 90, PGD-10
+  at eps 8/255 with step 2/255 (SVHN 1/255), CIFAR pad-crop-flip augmentation."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown data set {dataset!r} for a paper recipe; allowed: "
+                     f"{', '.join(DATASETS)}")
+  c = get()
+  c.name = f"{arch}_{defense}_{dataset}"
+  c.data.name = dataset
+  c.model.arch = arch
+  c.defense.name = defense
+  if dataset == "svhn":
+    c.optim.lr = 0.01
+    c.objective.attack.step_size = 1 / 255
+  return c

@@ -1,0 +1,288 @@
+"""Adversarial training: the train state, a pure `train_step`, evaluation, and the loop.
+
+The loop is resumable at any step: data order is a function of (seed, epoch), every
+step's randomness is `fold_in(seed key, step)`, and the checkpoint holds the whole state.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from jaxdefense import attacks, checkpoint, data, defenses, models, objectives, parallel
+from jaxdefense.metric_writer import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema: Any          # {"params", "batch_stats"} averaged, or None when EMA is off.
+  rng: jax.Array    # Raw key data of the run's base PRNG key.
+
+  def variables(self, use_ema: bool = False) -> dict:
+    if use_ema and self.ema is not None:
+      return dict(self.ema)
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def defense_config(config: ml_collections.ConfigDict) -> defenses.DefenseConfig:
+  d = config.defense
+  sites = tuple(d.sites) if d.get("sites") else None
+  return defenses.DefenseConfig(name=d.name, sites=sites, beta=d.beta, tau=d.tau,
+                                lam_sep=d.lam_sep, lam_rec=d.lam_rec, hidden=d.hidden)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  return models.create(config.model.arch, num_classes=num_classes,
+                       defense=defense_config(config), dtype=config.model.dtype,
+                       **dict(config.model.get("kwargs", {})))
+
+
+def attack_config(config: ml_collections.ConfigDict) -> objectives.AttackConfig:
+  a = config.objective.attack
+  return objectives.AttackConfig(eps=a.eps, step_size=a.step_size, steps=a.steps, loss=a.loss)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Piecewise-constant (x decay_factor after each milestone epoch) or cosine."""
+  o = config.optim
+  if o.schedule == "piecewise":
+    boundaries = {int(m * steps_per_epoch): o.decay_factor for m in o.milestones}
+    return optax.piecewise_constant_schedule(o.lr, boundaries)
+  if o.schedule == "cosine":
+    return optax.cosine_decay_schedule(o.lr, max(config.train.epochs * steps_per_epoch, 1))
+  if o.schedule == "constant":
+    return optax.constant_schedule(o.lr)
+  raise ValueError(f"unknown optim.schedule {o.schedule!r}; allowed: piecewise, cosine, constant")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """SGD with momentum and L2 weight decay on every parameter, as torch.optim.SGD does."""
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  tx = optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
+                   optax.sgd(schedule, momentum=config.optim.momentum,
+                             nesterov=config.optim.get("nesterov", False)))
+  return tx, schedule
+
+
+def create_train_state(model, tx, key: jax.Array, image_shape, ema: bool) -> TrainState:
+  init_key, run_key = jax.random.split(key)
+  variables = models.init(model, init_key, image_shape)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params),
+                    ema={"params": params, "batch_stats": batch_stats} if ema else None,
+                    rng=jax.random.key_data(run_key))
+
+
+def train_step(state: TrainState, batch: dict, *, objective: objectives.Objective,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               augment: Callable[[jax.Array, jax.Array], jax.Array],
+               ema_decay: float) -> tuple[TrainState, dict]:
+  """One update: on-device augmentation, the objective's attack and loss, SGD, EMA."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  augment_key, objective_key = jax.random.split(key)
+  inputs = {"images": augment(augment_key, batch["images"]), "labels": batch["labels"]}
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, inputs,
+                                               objective_key)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema
+  if ema is not None:
+    new = {"params": params, "batch_stats": batch_stats}
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new)
+  metrics = dict(metrics, lr=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, ema=ema), metrics
+
+
+def eval_step(variables: dict, batch: dict, key: jax.Array, *, model,
+              pgd: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Counts of points correct naturally and under PGD (the model as deployed)."""
+  x = data.to_float(batch["images"])
+  labels, valid = batch["labels"], batch["mask"]
+  deployed = attacks.deployed(model, variables)
+  x_adv = attacks.pgd(deployed, x, labels, key, eps=pgd.eps, step_size=pgd.step_size,
+                      steps=pgd.steps, random_start=pgd.random_start)
+  correct = lambda v: jnp.sum((jnp.argmax(deployed(v).logits, -1) == labels) & valid)
+  return {"natural": correct(x), "pgd": correct(x_adv), "count": jnp.sum(valid)}
+
+
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
+  """Fails at start-up, with the bad value and what is allowed, for a bad config."""
+  if config.data.name not in data.NAMES:
+    raise ValueError(f"unknown data set {config.data.name!r}; allowed: {', '.join(data.NAMES)}")
+  if config.objective.name not in objectives.NAMES:
+    raise ValueError(f"unknown objective {config.objective.name!r}; allowed: "
+                     f"{', '.join(objectives.NAMES)}")
+  if config.model.arch not in models.ARCHITECTURES:
+    raise ValueError(f"unknown model.arch {config.model.arch!r}; allowed: "
+                     f"{', '.join(models.ARCHITECTURES)}")
+  defense_config(config)
+  attack_config(config)
+  if config.eval_pgd.eps < 0:
+    raise ValueError(f"eval_pgd.eps must be >= 0, got {config.eval_pgd.eps}")
+  if config.train.epochs < 1:
+    raise ValueError(f"train.epochs must be >= 1, got {config.train.epochs}")
+  if not 0 <= config.train.ema_decay < 1:
+    raise ValueError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got "
+                     f"{config.train.ema_decay}")
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  parallel.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+
+
+def evaluate_accuracy(eval_fn, variables, images: np.ndarray, labels: np.ndarray, mesh,
+                      batch_size: int, seed: int) -> dict[str, float]:
+  """Natural and PGD accuracy over all given points (last batch padded and masked)."""
+  totals = {"natural": 0, "pgd": 0, "count": 0}
+  key = jax.random.key(seed)
+  for i, (x, y, mask) in enumerate(data.eval_batches(
+      images, labels, batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
+    counts = eval_fn(variables, batch, jax.random.fold_in(key, i))
+    for k in totals:
+      totals[k] += int(counts[k])
+  n = max(totals["count"], 1)
+  return {"natural_accuracy": totals["natural"] / n, "pgd_accuracy": totals["pgd"] / n,
+          "num_examples": totals["count"]}
+
+
+def _eval_subset(dataset: data.Dataset, num: int | None):
+  if num:
+    return dataset.test_images[:num], dataset.test_labels[:num]
+  return dataset.test_images, dataset.test_labels
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results."""
+  mesh = parallel.make_mesh()
+  validate(config, mesh)
+  is_main = jax.process_index() == 0
+  dataset = data.load(config.data.name, data_dir=config.data.get("data_dir"),
+                      **dict(config.data.get("kwargs", {})))
+  model = build_model(config, dataset.num_classes)
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(dataset.train_labels) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"train.batch_size={batch_size} exceeds the {len(dataset.train_labels)} "
+                     f"training points of {dataset.name}")
+  total_steps = config.train.epochs * steps_per_epoch
+  if is_main:
+    print(f"config:\n{config}", flush=True)
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
+          f"({jax.process_count()} process(es)); data set {dataset.name}: "
+          f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
+          f"{dataset.num_classes} classes, images {dataset.image_shape}; "
+          f"{config.train.epochs} epochs x {steps_per_epoch} steps = {total_steps} steps",
+          flush=True)
+
+  tx, schedule = make_optimizer(config, steps_per_epoch)
+  ema_decay = float(config.train.ema_decay)
+  state = create_train_state(model, tx, jax.random.key(config.seed), dataset.image_shape,
+                             ema=ema_decay > 0)
+  state = parallel.replicate(mesh, state)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every_steps=config.train.checkpoint_every_steps,
+                                 keep=config.train.keep_checkpoints, best_metric="pgd_accuracy")
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state, _, _ = restored
+    if is_main:
+      print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+
+  objective = objectives.make(config.objective.name, model, defense_config(config),
+                              attack_config(config), beta=config.objective.beta)
+  augment = functools.partial(data.augment, **data.augmentation_for(dataset.name))
+  step_fn = jax.jit(functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
+                                      augment=augment, ema_decay=ema_decay), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, pgd=config.eval_pgd))
+  eval_images, eval_labels = _eval_subset(dataset, config.train.get("eval_examples"))
+  writer = MetricWriter(workdir)
+  use_ema = ema_decay > 0
+
+  def run_eval(step: int, epoch: int) -> dict:
+    result = evaluate_accuracy(eval_fn, state.variables(use_ema), eval_images, eval_labels,
+                               mesh, config.train.eval_batch_size, config.seed + 1)
+    writer.write(step, {f"eval/{k}": v for k, v in result.items()}, epoch=epoch)
+    if is_main:
+      print(f"step {step} (epoch {epoch}): natural {100 * result['natural_accuracy']:.2f}%  "
+            f"PGD-{config.eval_pgd.steps} {100 * result['pgd_accuracy']:.2f}% "
+            f"on {result['num_examples']} test points", flush=True)
+    return result
+
+  step = int(state.step)
+  pending: list[dict] = []
+  last_eval = None
+  start_time = time.time()
+  with ckpt.preemption_guard(), tqdm.tqdm(total=total_steps, initial=step, disable=not is_main,
+                                          desc=config.get("name", "train"), unit="step") as bar:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      for images, labels in data.train_batches(
+          dataset, batch_size, seed=config.seed, epoch=epoch,
+          start_step=step % steps_per_epoch, process_index=jax.process_index(),
+          process_count=jax.process_count()):
+        batch = parallel.shard_batch(mesh, {"images": images, "labels": labels})
+        state, metrics = step_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+          fetched = jax.device_get(pending)
+          summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+          pending = []
+          writer.write(step, {f"train/{k}": v for k, v in summary.items()}, epoch=epoch,
+                       elapsed_s=time.time() - start_time)
+          bar.set_postfix({k: f"{v:.3f}" for k, v in summary.items()
+                           if k in ("loss", "accuracy", "adv_accuracy")})
+        bar.update(1)
+        end_of_epoch = step % steps_per_epoch == 0
+        eval_now = end_of_epoch and ((step // steps_per_epoch) % config.train.eval_every_epochs == 0
+                                     or step == total_steps)
+        if eval_now:
+          last_eval = run_eval(step, epoch + 1)
+        ckpt.maybe_save(step, state, metrics=(
+            {"pgd_accuracy": last_eval["pgd_accuracy"]} if eval_now else None),
+            metadata={"epoch": epoch + int(end_of_epoch), "config": config.get("name", "")})
+        if ckpt.preempted:
+          ckpt.save(step, state, force=True, metadata={"epoch": epoch, "preempted": True})
+          ckpt.wait()
+          if is_main:
+            print(f"preempted: saved step {step} to {workdir}; rerun the same command to "
+                  "resume", flush=True)
+          writer.close()
+          return {"preempted": True, "step": step}
+        if end_of_epoch:
+          break
+
+  if last_eval is None:  # Resumed a finished run: evaluate its final state again.
+    last_eval = run_eval(step, config.train.epochs)
+  ckpt.save(step, state, force=True, metrics={"pgd_accuracy": last_eval["pgd_accuracy"]},
+            metadata={"epoch": config.train.epochs, "config": config.get("name", "")})
+  ckpt.wait()
+  results = {"config": config.get("name", ""), "epochs": config.train.epochs, "steps": step,
+             "natural_accuracy": last_eval["natural_accuracy"],
+             "robust_accuracy": last_eval["pgd_accuracy"],
+             "robust_attack": f"PGD-{config.eval_pgd.steps}",
+             "num_examples": last_eval["num_examples"], "ema": use_ema}
+  if is_main:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  writer.close()
+  return results

@@ -1,0 +1,44 @@
+r"""jaxdefense: adversarial training and evaluation of CAS / FSR defenses.
+
+    python main.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+    python main.py --config=configs/wrn_fsr.py --workdir=DIR [--config.optim.lr=0.05]
+    python main.py --mode=eval --config=configs/wrn_fsr.py --workdir=DIR
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxdefense import parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where the run writes everything (and resumes from).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze"],
+                  "train (resumes if the workdir has a checkpoint), eval, or analyze.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                  "Which checkpoint --mode=eval/analyze loads.")
+flags.DEFINE_string("coordinator", None,
+                    "host:port of process 0 for multi-host runs (else single process, or "
+                    "JAXDEFENSE_DISTRIBUTED=1 on clusters JAX detects by itself).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.mode == "train":
+    from jaxdefense import train
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from jaxdefense import evaluate
+    evaluate.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+  else:
+    from jaxdefense import analysis
+    analysis.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+
+
+if __name__ == "__main__":
+  app.run(main)
