@@ -4,7 +4,7 @@ r"""jaxdefense: adversarial training and evaluation of CAS / FSR defenses.
     python main.py --config=configs/wrn_fsr.py --workdir=DIR [--config.optim.lr=0.05]
     python main.py --mode=eval --config=configs/wrn_fsr.py --workdir=DIR
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxdefense import parallel
@@ -28,6 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.mode == "train":
     from jaxdefense import train

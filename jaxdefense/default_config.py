@@ -17,7 +17,9 @@ def get() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"             # cifar10 | cifar100 | svhn | digits | synthetic
   c.data.data_dir = config_dict.placeholder(str)  # TFDS directory (default ~/tensorflow_datasets)
-  c.data.kwargs = ml_collections.ConfigDict()     # Extra arguments of data.load.
+  c.data.num_train = config_dict.placeholder(int)  # Keep the first N training points.
+  c.data.num_test = config_dict.placeholder(int)   # Keep the first N test points.
+  c.data.image_size = config_dict.placeholder(int)  # digits / synthetic only.
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # See jaxdefense.models.ARCHITECTURES.

@@ -84,7 +84,9 @@ def create_train_state(model, tx, key: jax.Array, image_shape, ema: bool) -> Tra
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params),
-                    ema={"params": params, "batch_stats": batch_stats} if ema else None,
+                    # A copy: the step donates the state, and one buffer cannot be donated twice.
+                    ema=jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+                    if ema else None,
                     rng=jax.random.key_data(run_key))
 
 
@@ -164,6 +166,12 @@ def evaluate_accuracy(eval_fn, variables, images: np.ndarray, labels: np.ndarray
           "num_examples": totals["count"]}
 
 
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+  d = config.data
+  return data.load(d.name, data_dir=d.data_dir, num_train=d.num_train, num_test=d.num_test,
+                   image_size=d.image_size)
+
+
 def _eval_subset(dataset: data.Dataset, num: int | None):
   if num:
     return dataset.test_images[:num], dataset.test_labels[:num]
@@ -175,8 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   validate(config, mesh)
   is_main = jax.process_index() == 0
-  dataset = data.load(config.data.name, data_dir=config.data.get("data_dir"),
-                      **dict(config.data.get("kwargs", {})))
+  dataset = load_data(config)
   model = build_model(config, dataset.num_classes)
   batch_size = config.train.batch_size
   steps_per_epoch = len(dataset.train_labels) // batch_size
@@ -229,6 +236,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step = int(state.step)
   pending: list[dict] = []
+
+  def log_train(step: int, epoch: int) -> None:
+    if not pending:
+      return
+    fetched = jax.device_get(pending)
+    pending.clear()
+    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    writer.write(step, {f"train/{k}": v for k, v in summary.items()}, epoch=epoch,
+                 elapsed_s=time.time() - start_time)
+    bar.set_postfix({k: f"{v:.3f}" for k, v in summary.items()
+                     if k in ("loss", "accuracy", "adv_accuracy")})
+
   last_eval = None
   start_time = time.time()
   with ckpt.preemption_guard(), tqdm.tqdm(total=total_steps, initial=step, disable=not is_main,
@@ -244,29 +263,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step += 1
         pending.append(metrics)
         if step % config.train.log_every_steps == 0 or step == total_steps:
-          fetched = jax.device_get(pending)
-          summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-          pending = []
-          writer.write(step, {f"train/{k}": v for k, v in summary.items()}, epoch=epoch,
-                       elapsed_s=time.time() - start_time)
-          bar.set_postfix({k: f"{v:.3f}" for k, v in summary.items()
-                           if k in ("loss", "accuracy", "adv_accuracy")})
+          log_train(step, epoch)
         bar.update(1)
         end_of_epoch = step % steps_per_epoch == 0
-        eval_now = end_of_epoch and ((step // steps_per_epoch) % config.train.eval_every_epochs == 0
-                                     or step == total_steps)
-        if eval_now:
-          last_eval = run_eval(step, epoch + 1)
-        ckpt.maybe_save(step, state, metrics=(
-            {"pgd_accuracy": last_eval["pgd_accuracy"]} if eval_now else None),
-            metadata={"epoch": epoch + int(end_of_epoch), "config": config.get("name", "")})
-        if ckpt.preempted:
-          ckpt.save(step, state, force=True, metadata={"epoch": epoch, "preempted": True})
-          ckpt.wait()
+        completed = step // steps_per_epoch
+        metadata = {"epoch": completed, "config": config.get("name", "")}
+        if end_of_epoch and (completed % config.train.eval_every_epochs == 0
+                             or step == total_steps):
+          last_eval = run_eval(step, completed)
+          ckpt.save(step, state, force=True, metadata=metadata,
+                    metrics={"pgd_accuracy": last_eval["pgd_accuracy"]})
+        else:
+          ckpt.save(step, state, metadata=metadata)
+        if ckpt.reached_preemption(step):
+          log_train(step, epoch)
+          ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
+          ckpt.close()
+          writer.close()
           if is_main:
             print(f"preempted: saved step {step} to {workdir}; rerun the same command to "
                   "resume", flush=True)
-          writer.close()
           return {"preempted": True, "step": step}
         if end_of_epoch:
           break
@@ -275,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_eval = run_eval(step, config.train.epochs)
   ckpt.save(step, state, force=True, metrics={"pgd_accuracy": last_eval["pgd_accuracy"]},
             metadata={"epoch": config.train.epochs, "config": config.get("name", "")})
-  ckpt.wait()
+  ckpt.close()
   results = {"config": config.get("name", ""), "epochs": config.train.epochs, "steps": step,
              "natural_accuracy": last_eval["natural_accuracy"],
              "robust_accuracy": last_eval["pgd_accuracy"],

@@ -256,13 +256,14 @@ def _naive_gumbel_sigmoid(r, tau, key):
   return e1 / (e1 + e2)
 
 
-@pytest.mark.parametrize("tau", [0.01, 0.1])
+@pytest.mark.parametrize("tau", [0.001, 0.01, 0.1])
 def test_gumbel_sigmoid_saturated_scores_finite(tau):
   """For saturated scores (+-1e4, +-80, 0) the mask stays finite and in [0, 1] and its
-  gradient is finite, where the naive exp-softmax overflows to NaN."""
+  gradient is finite, including small tau where the naive exp-softmax overflows to NaN."""
   r = jnp.tile(jnp.array([1e4, -1e4, 80.0, -80.0, 0.0, 30.0, -30.0], jnp.float32), 200)
   key = jax.random.key(1)
-  assert not np.all(np.isfinite(_naive_gumbel_sigmoid(r, tau, key)))
+  if tau <= 0.01:  # l / tau > 88 is common here: exp overflows, inf / inf = NaN.
+    assert not np.all(np.isfinite(_naive_gumbel_sigmoid(r, tau, key)))
   for k in (None, key):
     m = np.asarray(fsr.gumbel_sigmoid(r, tau, k))
     assert np.all(np.isfinite(m)) and np.all((m >= 0) & (m <= 1))

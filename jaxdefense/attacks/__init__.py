@@ -30,3 +30,11 @@ def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..
 
 __all__ = ["ModelFn", "deployed", "fgsm", "input_gradient", "losses", "make", "pgd", "project",
            "uniform_start"]
+
+from jaxdefense.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted, step_size_halving
+from jaxdefense.attacks.autoattack import AutoAttackResult, autoattack
+from jaxdefense.attacks.fab import fab_targeted
+from jaxdefense.attacks.square import square
+
+__all__ += ["AutoAttackResult", "apgd", "apgd_checkpoints", "apgd_targeted", "autoattack",
+            "fab_targeted", "square", "step_size_halving"]

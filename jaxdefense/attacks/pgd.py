@@ -98,27 +98,47 @@ def default_unroll(steps: int) -> int:
   return max(steps, 1) if steps <= 20 else 10
 
 
+def eot_gradient(model_fn: Callable[[jax.Array, jax.Array], ModelOutput],
+                 loss_fn: losses.LossFn, x: jax.Array, labels: jax.Array, key: jax.Array,
+                 samples: int) -> jax.Array:
+  """Expectation over transformation (Athalye et al. 2018): the input gradient averaged
+  over `samples` draws of a stochastic model `model_fn(x, key)`."""
+  def add(i, total):
+    sample_fn = lambda v: model_fn(v, jax.random.fold_in(key, i))
+    return total + input_gradient(sample_fn, loss_fn, x, labels)
+  return jax.lax.fori_loop(0, samples, add, jnp.zeros_like(x)) / samples
+
+
 def pgd(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array | None = None, *,
         eps, step_size, steps: int, norm: str = "linf", random_start: bool = True,
         loss: losses.LossFn = losses.cross_entropy, x_init: jax.Array | None = None,
-        unroll: int | None = None) -> jax.Array:
+        eot_samples: int = 0, unroll: int | None = None) -> jax.Array:
   """Projected gradient ascent on `loss`:
   x_{t+1} = P_{B(x, eps) ∩ [0,1]}(x_t + step_size * sign(grad))  (L-inf; L2 uses grad/||grad||),
   from `x_init` (projected; e.g. TRADES' x + 0.001 N(0, 1)) if given, else from a uniform
-  random point of the ball (`random_start`, needs `key`), else from x."""
+  random point of the ball (`random_start`, needs `key`), else from x.
+
+  `eot_samples > 0` attacks a stochastic model `model_fn(x, key)` with each step's gradient
+  averaged over that many fresh draws (needs `key`)."""
   _check(eps, steps, norm)
+  if eot_samples < 0:
+    raise ValueError(f"eot_samples must be >= 0, got {eot_samples}")
+  if (random_start or eot_samples) and x_init is None and key is None:
+    raise ValueError("pgd with random_start=True or eot_samples > 0 needs a PRNG key")
   x = x.astype(jnp.float32)
   if x_init is not None:
     x_adv = project(x_init.astype(jnp.float32), x, eps, norm)
   elif random_start:
-    if key is None:
-      raise ValueError("pgd with random_start=True needs a PRNG key")
     x_adv = uniform_start(key, x, eps, norm)
   else:
     x_adv = x
 
-  def step(_, x_adv):
-    grad = input_gradient(model_fn, loss, x_adv, labels)
+  def step(i, x_adv):
+    if eot_samples:
+      grad = eot_gradient(model_fn, loss, x_adv, labels, jax.random.fold_in(key, i + 1),
+                          eot_samples)
+    else:
+      grad = input_gradient(model_fn, loss, x_adv, labels)
     return project(x_adv + step_size * _ascent_direction(grad, norm), x, eps, norm)
 
   unroll = default_unroll(steps) if unroll is None else unroll

@@ -1,0 +1,376 @@
+"""Auto-PGD (APGD) with CE, DLR and targeted-DLR losses (Croce & Hein, ICML 2020).
+
+Follows the reference implementation (github fra31/auto-attack, `autopgd_base.py`):
+per-point step size eta = 2 eps halved at checkpoints, momentum 0.75, restart of the step
+from the best point, best-loss and misclassified-point tracking, restarts on the points not
+yet fooled, APGD-T over the 2nd..(n_target+1)th most likely clean classes, and EOT for
+randomised models (AutoAttack's "rand" version).
+
+Every attack here is a pure function, traceable under `jax.jit` with static budgets. The
+points to attack are a boolean mask `active` (fixed shapes): inactive points keep their
+input and are never reported fooled. All randomness is drawn per example from one key per
+example (`key` may be one key, split over the batch, or those N keys), so a point's result
+does not depend on which other points share its batch: running on a masked batch equals
+running on the subset.
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdefense.attacks import losses
+from jaxdefense.attacks.pgd import ModelFn, default_unroll, project
+from jaxdefense.models.common import ModelOutput
+
+StochasticModelFn = Callable[[jax.Array, jax.Array], ModelOutput]
+Forward = Callable[[jax.Array, Union[jax.Array, None]], ModelOutput]
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "dlr")
+MOMENTUM = 0.75
+
+
+def check_eps(eps) -> None:
+  """Raises for a negative eps (checked where eps is concrete, i.e. not traced)."""
+  if not isinstance(eps, jax.core.Tracer) and np.any(np.asarray(eps) < 0):
+    raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def check_norm(norm: str, allowed: tuple[str, ...], attack: str) -> None:
+  if norm not in allowed:
+    raise ValueError(f"unknown norm {norm!r} for {attack}; allowed: {', '.join(allowed)}")
+
+
+def check_positive(name: str, value: int) -> None:
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def num_classes(forward: Forward, x: jax.Array, model_key: jax.Array | None) -> int:
+  """K, from the logits' shape (no computation)."""
+  return jax.eval_shape(forward, x, model_key).logits.shape[-1]
+
+
+def check_n_target(n_target: int, classes: int, attack: str) -> None:
+  check_positive("n_target", n_target)
+  if n_target >= classes:
+    raise ValueError(f"{attack}: n_target={n_target} needs n_target < num_classes={classes} "
+                     f"(targets are the 2nd..(n_target+1)th most likely classes); allowed: "
+                     f"1..{classes - 1}")
+
+
+def _is_single_key(key: jax.Array) -> bool:
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 0
+  return key.ndim == 1
+
+
+def example_keys(key: jax.Array, n: int, model_key: jax.Array | None, stochastic: bool):
+  """(one key per example, the key of the model's noise or None).
+
+  `key` is one PRNG key (split over the batch; the model key is folded from it too) or N
+  keys, one per example (a stochastic model then needs `model_key`).
+  """
+  if _is_single_key(key):
+    keys = jax.random.split(jax.random.fold_in(key, 0), n)
+    if stochastic and model_key is None:
+      model_key = jax.random.fold_in(key, 1)
+  else:
+    if key.shape[0] != n:
+      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {n}; pass one "
+                       f"key or exactly one key per example")
+    keys = key
+    if stochastic and model_key is None:
+      raise ValueError("a stochastic model with per-example keys needs model_key")
+  return keys, (model_key if stochastic else None)
+
+
+def fold(keys: jax.Array, data: int | jax.Array) -> jax.Array:
+  """Per-example keys folded with the same counter (a run, an iteration)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+def fold_model(model_key: jax.Array | None, data: int | jax.Array) -> jax.Array | None:
+  return None if model_key is None else jax.random.fold_in(model_key, data)
+
+
+def make_forward(model_fn: ModelFn | StochasticModelFn, stochastic: bool) -> Forward:
+  """The model as `(x, key_or_None) -> ModelOutput`, deterministic models ignoring the key."""
+  if stochastic:
+    return lambda x, k: model_fn(x, k)
+  return lambda x, k: model_fn(x)
+
+
+def predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Whether argmax(logits) == label, per example."""
+  return jnp.argmax(logits, axis=-1) == labels
+
+
+def per_example_norm(v: jax.Array, norm: str) -> jax.Array:
+  """||v_i||_inf or ||v_i||_2, shaped to broadcast against v."""
+  axes = tuple(range(1, v.ndim))
+  if norm == "linf":
+    return jnp.max(jnp.abs(v), axis=axes, keepdims=True)
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def per_point(value: jax.Array, ndim: int) -> jax.Array:
+  """A per-example (N,) value shaped to broadcast against an (N, ...) array of rank ndim."""
+  return value.reshape(value.shape + (1,) * (ndim - 1))
+
+
+def apgd_checkpoints(steps: int) -> tuple[int, ...]:
+  """0-based iterations at which APGD checks its step size (Croce & Hein 2020, Sec. 3):
+  the first window is k = max(int(0.22 N), 1) iterations, each next one
+  k = max(k - max(int(0.03 N), 1), max(int(0.06 N), 1)). N = 100: 21, 40, 56, ..., 98."""
+  k = max(int(0.22 * steps), 1)
+  decrease = max(int(0.03 * steps), 1)
+  minimum = max(int(0.06 * steps), 1)
+  points = []
+  i = k - 1
+  while i < steps:
+    points.append(i)
+    k = max(k - decrease, minimum)
+    i += k
+  return tuple(points)
+
+
+def _schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per iteration: whether it is a checkpoint, and the window k that ends there."""
+  is_check = np.zeros(steps, bool)
+  window = np.ones(steps, np.int32)
+  previous = -1
+  for i in apgd_checkpoints(steps):
+    is_check[i] = True
+    window[i] = i - previous
+    previous = i
+  return is_check, window
+
+
+def step_size_halving(loss_steps: jax.Array, i, k, loss_best: jax.Array,
+                      best_at_last_check: jax.Array, reduced_at_last_check: jax.Array,
+                      rho: float = 0.75) -> jax.Array:
+  """Which points halve eta at checkpoint i (window of k iterations), (N,) bool:
+  Condition 1: sum_{j=i-k+1}^{i} 1[f(x_{j+1}) > f(x_j)] <= rho k (the loss rose in at most
+  rho k of the last k steps), or
+  Condition 2: eta was not halved at the previous checkpoint and the best loss has not
+  improved since it.
+  `loss_steps` (N_iter, N) holds the loss after each step, zeros where not yet reached; as
+  in the reference the step before iteration 0 is compared with the last row (a zero)."""
+  rows = jnp.arange(loss_steps.shape[0])[:, None]
+  rose = loss_steps > jnp.roll(loss_steps, 1, axis=0)
+  in_window = (rows <= i) & (rows > i - k)
+  count = jnp.sum(rose & in_window, axis=0)
+  oscillating = count <= k * rho
+  stalled = ~reduced_at_last_check & (best_at_last_check >= loss_best)
+  return oscillating | stalled
+
+
+def _direction(grad: jax.Array, norm: str) -> jax.Array:
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / (per_example_norm(grad, "l2") + 1e-12)
+
+
+def random_start(keys: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
+  """x + eps t / ||t|| with t ~ U[-1, 1] (L-inf) or N(0, I) (L2), per example, in the ball."""
+  shape = x.shape[1:]
+  if norm == "linf":
+    t = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
+  else:
+    t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+  return project(x + eps * t / (per_example_norm(t, norm) + 1e-12), x, eps, norm)
+
+
+def _loss_and_grad(forward: Forward, loss_fn: losses.LossFn, labels: jax.Array,
+                   eot_samples: int):
+  """(x, model_key) -> (loss (N,), logits, d loss / d x averaged over the EOT samples).
+
+  As in the reference, loss and logits are those of the last EOT sample."""
+  def one(x, k):
+    def total(v):
+      output = forward(v, k)
+      loss = loss_fn(output, labels)
+      return jnp.sum(loss), (loss, output.logits)
+    (_, (loss, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return loss, logits, grad
+
+  def evaluate(x, model_key):
+    if model_key is None or eot_samples == 1:
+      return one(x, model_key)
+
+    def sample(s, carry):
+      _, _, grad_sum = carry
+      loss, logits, grad = one(x, jax.random.fold_in(model_key, s))
+      return loss, logits, grad_sum + grad
+    loss, logits, grad = one(x, jax.random.fold_in(model_key, 0))
+    loss, logits, grad = jax.lax.fori_loop(1, eot_samples, sample, (loss, logits, grad))
+    return loss, logits, grad / eot_samples
+  return evaluate
+
+
+def _single_run(evaluate, x: jax.Array, labels: jax.Array, x_start: jax.Array,
+                model_key: jax.Array | None, *, eps, norm: str, steps: int, rho: float,
+                unroll: int) -> tuple[jax.Array, jax.Array]:
+  """One APGD run from x_start: (last misclassified point or x_start, still correct).
+
+  Update (momentum alpha = 0.75, 1 at the first step):
+  z = P(x_k + eta sign(g_k));  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))."""
+  n = x.shape[0]
+  is_check, window = (jnp.asarray(a) for a in _schedule(steps))
+  loss, logits, grad = evaluate(x_start, fold_model(model_key, 0))
+  acc = predicts(logits, labels)
+  step = jnp.full((n,), 2.0, jnp.float32) * eps
+  state = dict(x_adv=x_start, x_old=x_start, grad=grad, x_best=x_start, grad_best=grad,
+               loss_best=loss, x_best_adv=x_start, acc=acc, step=step,
+               loss_steps=jnp.zeros((steps, n), jnp.float32), best_last=loss,
+               reduced_last=jnp.ones((n,), bool))
+
+  def body(i, s):
+    x_adv = s["x_adv"]
+    alpha = jnp.where(i > 0, MOMENTUM, 1.0)
+    eta = per_point(s["step"], x.ndim)
+    z = project(x_adv + eta * _direction(s["grad"], norm), x, eps, norm)
+    x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - s["x_old"]),
+                    x, eps, norm)
+    loss, logits, grad = evaluate(x_new, fold_model(model_key, i + 1))
+    pred = predicts(logits, labels)
+    wrong = per_point(~pred, x.ndim)
+    x_best_adv = jnp.where(wrong, x_new, s["x_best_adv"])
+    loss_steps = s["loss_steps"].at[i].set(loss)
+    improved = loss > s["loss_best"]
+    improved_x = per_point(improved, x.ndim)
+    x_best = jnp.where(improved_x, x_new, s["x_best"])
+    grad_best = jnp.where(improved_x, grad, s["grad_best"])
+    loss_best = jnp.where(improved, loss, s["loss_best"])
+
+    check = is_check[i]
+    halve = step_size_halving(loss_steps, i, window[i], loss_best, s["best_last"],
+                              s["reduced_last"], rho)
+    restart = check & halve
+    restart_x = per_point(restart, x.ndim)
+    return dict(x_adv=jnp.where(restart_x, x_best, x_new), x_old=x_adv,
+                grad=jnp.where(restart_x, grad_best, grad), x_best=x_best, grad_best=grad_best,
+                loss_best=loss_best, x_best_adv=x_best_adv, acc=s["acc"] & pred,
+                step=jnp.where(restart, s["step"] / 2, s["step"]), loss_steps=loss_steps,
+                best_last=jnp.where(check, loss_best, s["best_last"]),
+                reduced_last=jnp.where(check, halve, s["reduced_last"]))
+
+  state = jax.lax.fori_loop(0, steps, body, state, unroll=unroll)
+  return state["x_best_adv"], state["acc"]
+
+
+def run_on_robust(forward: Forward, x: jax.Array, labels: jax.Array, keys: jax.Array,
+                model_key: jax.Array | None, active: jax.Array | None, runs: int,
+                run_fn) -> jax.Array:
+  """The reference's `perturb`: `runs` runs, each on the points still correctly classified
+  (masked); a point fooled by a run takes that run's adversarial point and is not run again.
+  `run_fn(run, keys, model_key, x, attacked) -> (x_adv, still_correct)`."""
+  if runs == 0:
+    return x
+  acc = predicts(forward(x, fold_model(model_key, 0)).logits, labels)
+  if active is not None:
+    acc = acc & active
+
+  def run(r, carry):
+    adv, acc = carry
+
+    def attack(carry):
+      adv, acc = carry
+      adv_run, acc_run = run_fn(r, fold(keys, r), fold_model(model_key, r + 1), x, acc)
+      fooled = acc & ~acc_run
+      return jnp.where(per_point(fooled, x.ndim), adv_run, adv), acc & ~fooled
+    return jax.lax.cond(jnp.any(acc), attack, lambda c: c, (adv, acc))
+
+  adv, _ = jax.lax.fori_loop(0, runs, run, (x, acc))
+  return adv
+
+
+def _check_common(eps, norm: str, steps: int, restarts: int, rho: float, eot_samples: int,
+                  attack: str) -> None:
+  check_eps(eps)
+  check_norm(norm, NORMS, attack)
+  check_positive("steps", steps)
+  if not isinstance(restarts, (int, np.integer)) or restarts < 0:
+    raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
+  check_positive("eot_samples", eot_samples)
+  if not 0 < rho <= 1:
+    raise ValueError(f"rho must lie in (0, 1], got {rho}")
+
+
+def _resolve_loss(loss: str | losses.LossFn) -> losses.LossFn:
+  if callable(loss):
+    return loss
+  if loss == "ce":
+    return losses.cross_entropy
+  if loss == "dlr":
+    return losses.dlr
+  raise ValueError(f"unknown APGD loss {loss!r}; allowed: {', '.join(LOSSES)} or a "
+                   f"per-example loss function (ModelOutput, labels) -> (N,)")
+
+
+def apgd(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
+         key: jax.Array, *, eps, norm: str = "linf", loss: str | losses.LossFn = "ce",
+         steps: int = 100, restarts: int = 1, rho: float = 0.75, eot_samples: int = 1,
+         stochastic: bool = False, model_key: jax.Array | None = None,
+         active: jax.Array | None = None, unroll: int | None = None) -> jax.Array:
+  """APGD maximising `loss` ("ce", "dlr" -(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3 + 1e-12),
+  or any per-example loss) in the eps-ball: the adversarial points, x where not fooled.
+
+  `stochastic`: `model_fn(x, key)` is a randomised model; gradients are averaged over
+  `eot_samples` draws (EOT). `active` (N,) bool: the points to attack (default all)."""
+  _check_common(eps, norm, steps, restarts, rho, eot_samples, "apgd")
+  loss_fn = _resolve_loss(loss)
+  x = x.astype(jnp.float32)
+  forward = make_forward(model_fn, stochastic)
+  keys, model_key = example_keys(key, x.shape[0], model_key, stochastic)
+  if loss == "dlr" and num_classes(forward, x, model_key) < 3:
+    raise ValueError("the DLR loss needs >= 3 classes, got "
+                     f"{num_classes(forward, x, model_key)}")
+  evaluate = _loss_and_grad(forward, loss_fn, labels, eot_samples)
+  unroll = default_unroll(steps) if unroll is None else unroll
+
+  def run_fn(r, run_keys, run_model_key, x, attacked):
+    del r, attacked
+    return _single_run(evaluate, x, labels, random_start(run_keys, x, eps, norm),
+                       run_model_key, eps=eps, norm=norm, steps=steps, rho=rho, unroll=unroll)
+  return run_on_robust(forward, x, labels, keys, model_key, active, restarts, run_fn)
+
+
+def target_classes(logits: jax.Array, rank) -> jax.Array:
+  """The rank-th most likely class per example (rank 1 = argmax; may be traced)."""
+  order = jnp.argsort(logits, axis=-1)
+  return jnp.take_along_axis(order, (logits.shape[-1] - rank) * jnp.ones_like(order[:, :1]),
+                             axis=-1)[:, 0]
+
+
+def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
+                  key: jax.Array, *, eps, norm: str = "linf", steps: int = 100,
+                  n_target: int = 9, restarts: int = 1, rho: float = 0.75,
+                  eot_samples: int = 1, stochastic: bool = False,
+                  model_key: jax.Array | None = None, active: jax.Array | None = None,
+                  unroll: int | None = None) -> jax.Array:
+  """APGD-T: APGD on the targeted DLR loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2 + 1e-12)
+  for t = the 2nd, ..., (n_target+1)th most likely class of the clean logits, each target
+  (times `restarts`) run on the points not yet fooled. Needs >= 4 classes."""
+  _check_common(eps, norm, steps, restarts, rho, eot_samples, "apgd_targeted")
+  x = x.astype(jnp.float32)
+  forward = make_forward(model_fn, stochastic)
+  keys, model_key = example_keys(key, x.shape[0], model_key, stochastic)
+  classes = num_classes(forward, x, model_key)
+  if classes < 4:
+    raise ValueError(f"the targeted DLR loss needs >= 4 classes, got {classes}")
+  check_n_target(n_target, classes, "apgd_targeted")
+  unroll = default_unroll(steps) if unroll is None else unroll
+
+  def run_fn(r, run_keys, run_model_key, x, attacked):
+    del attacked
+    target_key, iterate_key = (None, None) if run_model_key is None else \
+        jax.random.split(run_model_key)
+    targets = target_classes(forward(x, target_key).logits, 2 + r // restarts)
+    evaluate = _loss_and_grad(forward, losses.dlr_targeted(targets), labels, eot_samples)
+    return _single_run(evaluate, x, labels, random_start(run_keys, x, eps, norm),
+                       iterate_key, eps=eps, norm=norm, steps=steps, rho=rho, unroll=unroll)
+  return run_on_robust(forward, x, labels, keys, model_key, active, n_target * restarts, run_fn)

@@ -1,0 +1,231 @@
+"""Training checkpoints: orbax save/restore of a train-state pytree plus a JSON metadata dict.
+
+One `ocp.CheckpointManager` holds every step as `<directory>/<step>/{state,metadata}`. It
+keeps the last `keep` steps and, if `best_metric` is set, the best step by that metric: orbax
+0.12 expresses both at once as
+`AnyPreservationPolicy([LatestN(keep), BestN(n=1, keep_checkpoints_without_metrics=False)])`,
+so no second manager is needed. Saves are asynchronous (`wait`/`close` make them durable) and
+atomic: orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a
+process killed mid-save leaves the earlier steps intact; the stray directory is ignored and a
+new `Checkpointer` on the directory removes it before its first save.
+
+Any pytree of arrays works, typed PRNG keys (`jax.random.key`) included: orbax 0.12 saves
+their key data and implementation and restores typed keys. On restore each leaf takes the
+sharding of the matching leaf of the target (a `jax.Array` or a `jax.ShapeDtypeStruct` with a
+sharding), otherwise the sharding it was saved with. In multi-process runs every process calls
+`save`/`restore` (orbax writes collectively; the JSON items are written by process 0 only).
+
+Preemption: `preemption_guard()` turns SIGTERM into a flag instead of death. Single process,
+the handler only sets the flag; the loop polls `reached_preemption(step)` (or `preempted`),
+saves with `force=True` and exits. With several processes a flag seen by one process alone
+would make the collective save hang, so SIGTERM is left to JAX's preemption service (on by
+default under `jax.distributed`; it catches SIGTERM on any process) and
+`reached_preemption(step)` is `multihost_utils.reached_preemption_sync_point(step)`, which
+becomes true on all processes at the same step. It must then be called at every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+BEST_MODES = ("max", "min")
+_STATE = "state"
+_METADATA = "metadata"
+
+
+def _abstract_leaf(x: Any) -> Any:
+  """A target leaf as orbax restores into it: arrays become shape/dtype/sharding structs."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
+
+
+def _to_json(x: Any) -> Any:
+  """json.dumps fallback for numpy/jax scalars and small arrays."""
+  if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"checkpoint metadata must be JSON-serializable; got {type(x).__name__}: {x!r}")
+
+
+class Checkpointer:
+  """Periodic, asynchronous checkpoints keeping the last `keep` steps plus the best one.
+
+  Args:
+    directory: where the step directories go (created if missing).
+    save_every_steps: `save` writes when `step % save_every_steps == 0` (or `force=True`).
+    keep: how many most recent checkpoints to keep.
+    best_metric: metric (passed to `save`) whose best checkpoint is kept beyond `keep`;
+      None keeps only the most recent ones. Steps saved without a finite value of it never
+      count as best.
+    best_mode: "max" or "min": which value of `best_metric` is best.
+  """
+
+  def __init__(self, directory: str | epath.PathLike, *, save_every_steps: int, keep: int,
+               best_metric: str | None = "pgd_acc", best_mode: str = "max"):
+    if save_every_steps < 1:
+      raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    if best_mode not in BEST_MODES:
+      raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+    self.directory = epath.Path(directory)
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    policies: list[ocp.checkpoint_managers.PreservationPolicy] = [
+        ocp.checkpoint_managers.LatestN(n=keep)]
+    if best_metric is not None:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=self._score, reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=self._score if best_metric is not None else None,
+        best_mode=best_mode,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._preempted = False
+    self._previous_handler: Any = None
+    self._handler_installed = False
+
+  def _score(self, metrics: Mapping[str, float]) -> float:
+    """The ranking value; the worst possible for a step saved under another metric name."""
+    if self.best_metric not in metrics:
+      return -math.inf if self.best_mode == "max" else math.inf
+    return float(metrics[self.best_metric])
+
+  def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None,
+           metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Starts saving `state` at `step` if it is a save step (or `force`); True if it did.
+
+    `metrics` rank checkpoints for `best_metric`; `metadata` is a small JSON-able dict
+    restored with the state. A step already on disk is not rewritten (returns False).
+    """
+    step = int(step)
+    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+      return False
+    tracked = None
+    if metrics is not None and self.best_metric in metrics:
+      value = float(np.asarray(metrics[self.best_metric]))
+      if math.isfinite(value):
+        tracked = {self.best_metric: value}
+    meta = json.loads(json.dumps(dict(metadata or {}), default=_to_json))
+    return self._manager.save(
+        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
+                                         _METADATA: ocp.args.JsonSave(meta)}),
+        metrics=tracked, force=True)
+
+  def all_steps(self) -> list[int]:
+    """The saved steps, ascending (including one still being written asynchronously)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The most recent saved step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best `best_metric`, or None if no step was saved with it."""
+    if self.best_metric is None:
+      raise ValueError(f"checkpoints in {self.directory} are not ranked: best_metric is None")
+    return self._manager.best_step()
+
+  def restore(self, target: Any, which: str | int = "latest") -> tuple[Any, int, dict] | None:
+    """Restores a checkpoint into the structure and shardings of `target`.
+
+    `which` is "latest", "best" or a step number. Returns `(state, step, metadata)`; None
+    when `which="latest"` and nothing is saved yet (a fresh run), FileNotFoundError naming
+    the directory when the best or the given step does not exist.
+    """
+    self.wait()
+    if which == "latest":
+      step = self.latest_step()
+      if step is None:
+        return None
+    elif which == "best":
+      step = self.best_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint with metric {self.best_metric!r} in "
+                                f"{self.directory} (steps saved: {self.all_steps()})")
+    elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+      step = int(which)
+      if step not in self.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                                f"(steps saved: {self.all_steps()})")
+    else:
+      raise ValueError(f"which must be 'latest', 'best' or a step number, got {which!r}")
+    abstract = jax.tree.map(_abstract_leaf, target)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract), _METADATA: ocp.args.JsonRestore()}))
+    return restored[_STATE], step, dict(restored[_METADATA] or {})
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves (and old-step deletions) are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, releases orbax's resources and the SIGTERM handler."""
+    self.uninstall_sigterm_handler()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+  @property
+  def preempted(self) -> bool:
+    """Single process: whether SIGTERM arrived. Several: whether `reached_preemption` fired."""
+    return self._preempted
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the loop should save at `step` and exit because of a preemption.
+
+    Single process: whether SIGTERM arrived. Several processes: JAX's preemption sync point,
+    true on every process at the same step, so it must be called at every step.
+    """
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(int(step)):
+      self._preempted = True
+    return self._preempted
+
+  def install_sigterm_handler(self) -> None:
+    """Makes SIGTERM set the preemption flag instead of killing the process (main thread).
+
+    With several processes this does nothing: JAX's preemption service handles SIGTERM.
+    """
+    if self._handler_installed or jax.process_count() > 1:
+      return
+    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._handler_installed = True
+
+  def uninstall_sigterm_handler(self) -> None:
+    """Puts back the SIGTERM handler that `install_sigterm_handler` replaced."""
+    if not self._handler_installed:
+      return
+    previous = self._previous_handler
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    self._handler_installed = False
+    self._previous_handler = None
+
+  @contextlib.contextmanager
+  def preemption_guard(self) -> Iterator[Checkpointer]:
+    """Installs the SIGTERM handler for the duration of the block."""
+    self.install_sigterm_handler()
+    try:
+      yield self
+    finally:
+      self.uninstall_sigterm_handler()
+
+  def _on_sigterm(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    self._preempted = True

@@ -1,0 +1,398 @@
+"""Data sets read once into host memory, on-device augmentation, and deterministic batching.
+
+`load(name)` gives a `Dataset` of uint8 NHWC images and int32 labels:
+
+- `cifar10`, `cifar100`, `svhn` (TFDS `svhn_cropped`; train = `train`, not `extra`) are read
+  through tensorflow-datasets' array_record data sources, without TensorFlow and without ever
+  downloading: a data set that is not prepared in `data_dir` raises `DatasetNotFoundError`
+  saying how to provide it.
+- `digits` is scikit-learn's 1797 handwritten 8x8 digits, bundled with scikit-learn, so it
+  runs anywhere; its train/test split is fixed.
+- `synthetic` is seeded random images and labels, for benchmarks and shape tests.
+
+Models take float32 images in [0, 1]: batches stay uint8 on the host and become float on
+the device through `to_float` or `augment(key, images, **augmentation_for(name))`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+NAMES = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
+TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+_READ_CHUNK = 1024
+_UINT8_TO_FLOAT = np.arange(256, dtype=np.float32) / 255
+
+
+class DatasetNotFoundError(ValueError):
+  """A TFDS data set is not prepared (as array_record) in the data directory."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Train and test splits in host memory: images uint8 (N, H, W, C), labels int32 (N,).
+
+  The arrays are made read-only; batches drawn from them are copies.
+  """
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images = getattr(self, f"{split}_images")
+      labels = getattr(self, f"{split}_labels")
+      if images.dtype != np.uint8 or images.shape[1:] != tuple(self.image_shape):
+        raise ValueError(f"{self.name} {split} images must be uint8 of shape (N, "
+                         f"{', '.join(map(str, self.image_shape))}); got {images.dtype} "
+                         f"{images.shape}")
+      if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{self.name} {split} labels must be int32 of shape "
+                         f"({images.shape[0]},); got {labels.dtype} {labels.shape}")
+      if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+        raise ValueError(f"{self.name} {split} labels must lie in [0, {self.num_classes}); "
+                         f"got [{labels.min()}, {labels.max()}]")
+      images.setflags(write=False)
+      labels.setflags(write=False)
+
+
+def load(name: str, *, data_dir: str | os.PathLike | None = None, num_train: int | None = None,
+         num_test: int | None = None, image_size: int | None = None,
+         channels: int | None = None, num_classes: int | None = None,
+         seed: int = 0) -> Dataset:
+  """Reads data set `name` (one of `NAMES`) into host memory.
+
+  Args:
+    name: `cifar10`, `cifar100`, `svhn`, `digits` or `synthetic`.
+    data_dir: TFDS data directory holding the prepared TFDS data sets (default: TFDS's own,
+      `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). TFDS data sets only.
+    num_train, num_test: keep only the first that many points of each split (synthetic:
+      the split sizes, default 1024 and 256).
+    image_size: side of the square images: digits are upsampled (nearest neighbour) from
+      8x8 by an integer factor, so a multiple of 8, default 16; synthetic default 32. For
+      the TFDS data sets only their native 32 is accepted.
+    channels: synthetic only (default 3); elsewhere only the native count is accepted.
+    num_classes: synthetic only (default 10); elsewhere only the native count is accepted.
+    seed: synthetic only, the seed of its images and labels.
+  """
+  if name not in NAMES:
+    raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(NAMES)}")
+  if data_dir is not None and name not in TFDS_NAMES:
+    raise ValueError(f"data_dir applies to the TFDS data sets ({', '.join(TFDS_NAMES)}), "
+                     f"not to {name!r}; got {os.fspath(data_dir)!r}")
+  if name == "synthetic":
+    dataset = synthetic(num_train=1024 if num_train is None else num_train,
+                        num_test=256 if num_test is None else num_test,
+                        image_size=32 if image_size is None else image_size,
+                        channels=3 if channels is None else channels,
+                        num_classes=10 if num_classes is None else num_classes, seed=seed)
+  elif name == "digits":
+    _check_native(name, "channels", channels, 1)
+    _check_native(name, "num_classes", num_classes, 10)
+    dataset = digits(image_size=16 if image_size is None else image_size)
+  else:
+    _check_native(name, "image_size", image_size, 32)
+    _check_native(name, "channels", channels, 3)
+    _check_native(name, "num_classes", num_classes, 100 if name == "cifar100" else 10)
+    return from_tfds(name, data_dir=data_dir, num_train=num_train, num_test=num_test)
+  return subset(dataset, num_train=num_train, num_test=num_test)
+
+
+def _check_native(name: str, option: str, value: int | None, native: int) -> None:
+  if value is not None and value != native:
+    raise ValueError(f"{option}={value} is not available for {name!r}: its {option} is "
+                     f"{native} (a free {option} is for 'synthetic' only)")
+
+
+def _check_count(what: str, value: int | None, available: int) -> None:
+  if value is not None and not 0 < value <= available:
+    raise ValueError(f"{what} must lie in [1, {available}] (the split's size); got {value}")
+
+
+def subset(dataset: Dataset, *, num_train: int | None = None,
+           num_test: int | None = None) -> Dataset:
+  """The first `num_train` training and `num_test` test points (None keeps a whole split)."""
+  _check_count("num_train", num_train, len(dataset.train_labels))
+  _check_count("num_test", num_test, len(dataset.test_labels))
+  return dataclasses.replace(
+      dataset, train_images=dataset.train_images[:num_train],
+      train_labels=dataset.train_labels[:num_train],
+      test_images=dataset.test_images[:num_test], test_labels=dataset.test_labels[:num_test])
+
+
+def _not_prepared_error(name: str, builder: tfds.core.DatasetBuilder) -> DatasetNotFoundError:
+  tfds_name = TFDS_NAMES[name]
+  root = os.fspath(builder.data_dir_root)
+  build = f"tfds build {tfds_name} --data_dir=DIR --file_format=array_record"
+  provide = (f"Prepare it on a machine with internet access and TensorFlow (which the tfds "
+             f"command needs): `{build}`; then copy DIR here and pass it with "
+             f"--config.data.data_dir=DIR (load(..., data_dir=DIR)).")
+  if builder.is_prepared():
+    return DatasetNotFoundError(
+        f"data set {name!r} (TFDS {tfds_name!r}) is prepared in {os.fspath(builder.data_dir)} "
+        f"in the {builder.info.file_format.value} format, which only TensorFlow reads; this "
+        f"library reads array_record. {provide}")
+  return DatasetNotFoundError(
+      f"data set {name!r} (TFDS {tfds_name!r}) is not prepared in data_dir {root} (looked for "
+      f"{os.fspath(builder.data_dir)}), and nothing is downloaded here. {provide}")
+
+
+def _read_records(source: Any, keys: list[int]) -> Sequence[dict[str, Any]]:
+  try:
+    return source.__getitems__(keys)
+  except TypeError:
+    # tfds.testing.mock_data installs an unbound `__getitems__` on its fake reader, so a
+    # batched read raises TypeError there; read one index at a time instead.
+    return [source[k] for k in keys]
+
+
+def _read_split(source: Any, count: int,
+                image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` records of an array_record data source as (uint8 images, int32 labels)."""
+  images = np.empty((count, *image_shape), np.uint8)
+  labels = np.empty(count, np.int32)
+  for start in range(0, count, _READ_CHUNK):
+    records = _read_records(source, list(range(start, min(count, start + _READ_CHUNK))))
+    for i, record in enumerate(records, start):
+      images[i] = record["image"]
+      labels[i] = record["label"]
+  return images, labels
+
+
+def from_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
+              num_train: int | None = None, num_test: int | None = None) -> Dataset:
+  """Reads `cifar10`, `cifar100` or `svhn` from TFDS array_record files, never downloading."""
+  if name not in TFDS_NAMES:
+    raise ValueError(f"unknown TFDS data set {name!r}; allowed: {', '.join(TFDS_NAMES)}")
+  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
+  try:
+    sources = {split: builder.as_data_source(split=split) for split in ("train", "test")}
+  except (NotImplementedError, ValueError) as e:
+    raise _not_prepared_error(name, builder) from e
+  _check_count("num_train", num_train, len(sources["train"]))
+  _check_count("num_test", num_test, len(sources["test"]))
+  features = builder.info.features
+  image_shape = tuple(features["image"].shape)
+  train_images, train_labels = _read_split(sources["train"], num_train or len(sources["train"]),
+                                           image_shape)
+  test_images, test_labels = _read_split(sources["test"], num_test or len(sources["test"]),
+                                         image_shape)
+  return Dataset(name=name, num_classes=features["label"].num_classes, image_shape=image_shape,
+                 train_images=train_images, train_labels=train_labels, test_images=test_images,
+                 test_labels=test_labels)
+
+
+def _stratified_split(labels: np.ndarray, test_size: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted (train, test) indices with each class's share of the test set as even as possible.
+
+  Class quotas by largest remainder (ties to the smaller class), members drawn with numpy's
+  legacy `RandomState`, whose streams numpy keeps fixed across versions and platforms.
+  """
+  counts = np.bincount(labels)
+  exact = counts * test_size / len(labels)
+  quotas = np.floor(exact).astype(int)
+  by_remainder = np.argsort(-(exact - quotas), kind="stable")
+  quotas[by_remainder[:test_size - quotas.sum()]] += 1
+  rng = np.random.RandomState(seed)
+  test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q]
+                         for c, q in enumerate(quotas)])
+  is_test = np.zeros(len(labels), bool)
+  is_test[test] = True
+  return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def digits(*, image_size: int = 16) -> Dataset:
+  """scikit-learn's handwritten digits: 1437 train / 360 test, a fixed stratified split.
+
+  Values 0..16 become round(v * 255 / 16) in uint8. 16x16 (the default) leaves small conv
+  nets two downsamplings of room; VGG-16's five poolings need image_size=32.
+  """
+  from sklearn.datasets import load_digits  # Deferred: half a second of imports.
+
+  if image_size <= 0 or image_size % 8:
+    raise ValueError(f"digits image_size must be a positive multiple of 8 (8x8 originals "
+                     f"upsampled by an integer factor); got {image_size}")
+  raw = load_digits()
+  images = np.rint(raw.images * (255 / 16)).astype(np.uint8)[..., None]
+  factor = image_size // 8
+  images = images.repeat(factor, axis=1).repeat(factor, axis=2)
+  labels = raw.target.astype(np.int32)
+  train, test = _stratified_split(labels, DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED)
+  return Dataset(name="digits", num_classes=10, image_shape=(image_size, image_size, 1),
+                 train_images=images[train], train_labels=labels[train],
+                 test_images=images[test], test_labels=labels[test])
+
+
+def synthetic(*, num_train: int = 1024, num_test: int = 256, image_size: int = 32,
+              channels: int = 3, num_classes: int = 10, seed: int = 0) -> Dataset:
+  """Uniform random uint8 images and labels, the same for the same arguments."""
+  for option, value in (("num_train", num_train), ("num_test", num_test),
+                        ("image_size", image_size), ("channels", channels),
+                        ("num_classes", num_classes)):
+    if value <= 0:
+      raise ValueError(f"synthetic {option} must be positive; got {value}")
+  rng = np.random.default_rng(seed)
+  shape = (image_size, image_size, channels)
+  splits = [(rng.integers(0, 256, (n, *shape), np.uint8),
+             rng.integers(0, num_classes, n).astype(np.int32)) for n in (num_train, num_test)]
+  return Dataset(name="synthetic", num_classes=num_classes, image_shape=shape,
+                 train_images=splits[0][0], train_labels=splits[0][1],
+                 test_images=splits[1][0], test_labels=splits[1][1])
+
+
+def to_float(images: jax.Array | np.ndarray) -> jax.Array:
+  """float32 images in [0, 1]: uint8 ones divided by 255 (correctly rounded, as numpy's
+  `x / 255`; XLA's division is not), floating ones only cast."""
+  images = jnp.asarray(images)
+  if images.dtype == jnp.uint8:
+    return jnp.asarray(_UINT8_TO_FLOAT)[images]
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f"images must be uint8 in [0, 255] or floating point in [0, 1]; got dtype "
+                    f"{images.dtype}")
+  return images.astype(jnp.float32)
+
+
+def augmentation_params(key: jax.Array, num: int, *, pad: int = 4,
+                        flip: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The random choices of `augment`: crop offsets (num, 2) as (row, column) into the padded
+  image, each in [0, 2 * pad], and flip flags (num,), all False unless `flip`."""
+  crop_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(crop_key, (num, 2), 0, 2 * pad + 1)
+  flips = jax.random.bernoulli(flip_key, 0.5, (num,)) if flip else jnp.zeros(num, bool)
+  return offsets, flips
+
+
+def augment(key: jax.Array, images: jax.Array | np.ndarray, *, pad: int = 4,
+            flip: bool = True) -> jax.Array:
+  """Per-example random crop after `pad` pixels of zero padding, then a random horizontal
+  flip of half the examples; float32 NHWC in [0, 1] (see `to_float`). Traceable under jit
+  with `pad` and `flip` static; pad=0, flip=False is `to_float`."""
+  if pad < 0:
+    raise ValueError(f"pad must be non-negative; got {pad}")
+  images = to_float(images)
+  num, height, width, channels = images.shape
+  offsets, flips = augmentation_params(key, num, pad=pad, flip=flip)
+  if pad:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crop = lambda image, offset: jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), (height, width, channels))
+    images = jax.vmap(crop)(padded, offsets)
+  if flip:
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+AUGMENTATIONS = {
+    "cifar10": {"pad": 4, "flip": True},
+    "cifar100": {"pad": 4, "flip": True},
+    "svhn": {"pad": 0, "flip": False},
+    # A one-pixel shift only; no flips, since digits are not mirror-symmetric.
+    "digits": {"pad": 1, "flip": False},
+    "synthetic": {"pad": 0, "flip": False},
+}
+
+
+def augmentation_for(name: str) -> dict[str, Any]:
+  """The keyword arguments of `augment` for data set `name`, as the authors train:
+  CIFAR 4-pixel pad, crop and flip; SVHN none. Use `augment(key, x, **augmentation_for(name))`."""
+  if name not in AUGMENTATIONS:
+    raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(AUGMENTATIONS)}")
+  return dict(AUGMENTATIONS[name])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the remainder is dropped)."""
+  return num_examples // batch_size
+
+
+def _shard(batch_size: int, process_index: int, process_count: int) -> slice:
+  """Process `process_index`'s contiguous share of a global batch."""
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must lie in [0, process_count) with process_count >= 1; "
+                     f"got process_index={process_index}, process_count={process_count}")
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"the global batch_size must be a positive multiple of process_count="
+                     f"{process_count}; got {batch_size}")
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+  """The training order of an epoch, a function of (seed, epoch) only.
+
+  Drawn by numpy's legacy `RandomState` on a PCG64 stream seeded with (seed, epoch):
+  numpy keeps both fixed across versions, so a resumed run sees the same order.
+  """
+  if seed < 0 or epoch < 0:
+    raise ValueError(f"seed and epoch must be non-negative; got seed={seed}, epoch={epoch}")
+  return np.random.RandomState(np.random.PCG64([seed, epoch])).permutation(num_examples)
+
+
+def train_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(uint8 images, int32 labels) batches of one epoch in a seeded random order.
+
+  `batch_size` is the global batch; with several processes each gets the contiguous
+  `batch_size // process_count` slice `process_index` of every global batch. The
+  incomplete last batch is dropped. `start_step` skips that many batches (to resume).
+  """
+  shard = _shard(batch_size, process_index, process_count)
+  num = len(dataset.train_labels)
+  steps = steps_per_epoch(num, batch_size)
+  if steps == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {num} training points of "
+                     f"{dataset.name!r}: an epoch would have no batch")
+  if not 0 <= start_step <= steps:
+    raise ValueError(f"start_step must lie in [0, {steps}] (batches per epoch); got {start_step}")
+  order = epoch_permutation(num, seed=seed, epoch=epoch)
+  return ((dataset.train_images[indices], dataset.train_labels[indices])
+          for indices in (order[step * batch_size:(step + 1) * batch_size][shard]
+                          for step in range(start_step, steps)))
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 process_index: int = 0,
+                 process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(images, labels, mask) batches covering every point once, in order, with fixed shapes.
+
+  The last global batch is padded with zero images and label 0, whose `mask` is False.
+  Sharded across processes as in `train_batches`; every process gets the same number of
+  batches, ceil(len(labels) / batch_size).
+  """
+  shard = _shard(batch_size, process_index, process_count)
+  if len(images) != len(labels):
+    raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+  return (_padded_batch(images, labels, np.arange(start, start + batch_size)[shard])
+          for start in range(0, len(labels), batch_size))
+
+
+def _padded_batch(images: np.ndarray, labels: np.ndarray,
+                  indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The points at `indices`; zeros and mask False for those past the end."""
+  mask = indices < len(labels)
+  valid = indices[mask]
+  batch_images = np.zeros((len(indices), *images.shape[1:]), images.dtype)
+  batch_labels = np.zeros(len(indices), labels.dtype)
+  batch_images[:len(valid)] = images[valid]
+  batch_labels[:len(valid)] = labels[valid]
+  return batch_images, batch_labels, mask
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+  """How many batches `eval_batches` yields."""
+  return math.ceil(num_examples / batch_size)

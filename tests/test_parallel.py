@@ -1,0 +1,82 @@
+"""Data parallelism: a sharded train step equals the single-device step; two processes
+form one cluster and equal one process with as many devices; bad batch sizes fail."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdefense import parallel
+
+WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
+
+
+def _run(out, *args, timeout=240):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, WORKER, str(out), *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc, timeout=240):
+  try:
+    output, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    output, _ = proc.communicate()
+    pytest.fail(f"worker timed out:\n{output[-3000:]}")
+  assert proc.returncode == 0, output[-3000:]
+
+
+def _assert_same(a_path, b_path, rtol=1e-4, atol=1e-5):
+  a, b = np.load(a_path), np.load(b_path)
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+@pytest.mark.parametrize("defense,objective", [("fsr", "pgd_at"), ("cas", "trades")])
+def test_eight_devices_equal_one(tmp_path, defense, objective):
+  """One train step (attack + update) over 8 simulated devices gives the parameters, BN
+  statistics, EMA and metrics of the 1-device step on the same global batch and rngs."""
+  one, eight = tmp_path / "one.npz", tmp_path / "eight.npz"
+  common = ("--devices", 8, "--defense", defense, "--objective", objective)
+  _wait(_run(one, *common, "--mesh-devices", 1))
+  _wait(_run(eight, *common))
+  _assert_same(one, eight)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  """Two processes with 2 CPU devices each (loopback cluster via jax.distributed) run 2
+  steps equal to one process with 4 devices."""
+  single, multi = tmp_path / "single.npz", tmp_path / "multi.npz"
+  _wait(_run(single, "--devices", 4, "--steps", 2))
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [_run(multi if i == 0 else tmp_path / "unused.npz", "--devices", 2, "--steps", 2,
+                "--coordinator", address, "--num-processes", 2, "--process-id", i)
+           for i in range(2)]
+  for p in procs:
+    _wait(p, timeout=300)
+  _assert_same(single, multi)
+
+
+def test_batch_must_be_positive():
+  mesh = parallel.make_mesh()
+  for bad in (0, -8):
+    with pytest.raises(ValueError, match=rf"train.batch_size={bad} must be a positive multiple"):
+      parallel.check_batch_size(bad, mesh)
+
+
+def test_indivisible_batch_message_names_values(tmp_path):
+  proc = _run(tmp_path / "x.npz", "--devices", 4, "--batch", 6)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "train.batch_size=6 must be a positive multiple of the device count 4" in output

@@ -1,0 +1,170 @@
+"""The training program: an end-to-end main.py run, resume == uninterrupted, start-up
+errors for bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxdefense import checkpoint, data, models, train
+from jaxdefense.default_config import get as default_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [  # A tiny quick-start run: seconds on a 2-core CPU.
+    "--config.data.num_train=96", "--config.data.num_test=48", "--config.data.image_size=8",
+    "--config.model.kwargs.stage_sizes=(1,1)", "--config.model.kwargs.width=8",
+    "--config.objective.attack.steps=2", "--config.eval_pgd.steps=2", "--config.train.epochs=2",
+    "--config.train.batch_size=32", "--config.train.eval_batch_size=24",
+    "--config.train.log_every_steps=2", "--config.train.checkpoint_every_steps=2",
+    "--config.train.eval_every_epochs=1"]
+
+
+def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300):
+  return subprocess.run([sys.executable, "main.py", f"--config={config}",
+                         f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def tiny_config(defense="none", objective="pgd_at"):
+  c = default_config()
+  c.name = "tiny"
+  c.data.name, c.data.num_train, c.data.num_test, c.data.image_size = "digits", 96, 48, 8
+  c.model.arch = "resnet"
+  c.model.kwargs.stage_sizes, c.model.kwargs.width = (1, 1), 8
+  c.defense.name, c.objective.name = defense, objective
+  c.objective.attack.steps = c.eval_pgd.steps = 2
+  c.optim.milestones = (1,)
+  c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 2, 32, 24
+  c.train.log_every_steps = c.train.checkpoint_every_steps = 2
+  c.train.eval_every_epochs = 1
+  c.train.eval_examples = 0
+  c.train.ema_decay = 0.5
+  return c
+
+
+def test_main_end_to_end(tmp_path):
+  """main.py trains the quick-start config shrunk to seconds and writes results.json,
+  metrics.jsonl, TensorBoard events and checkpoints."""
+  run = _main(tmp_path, *TINY, "--config.defense.name=fsr")
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "devices: 1 x cpu" in run.stdout
+  assert "96 train / 48 test" in run.stdout and "2 epochs x 3 steps = 6 steps" in run.stdout
+  assert "defense:" in run.stdout  # The resolved config is printed.
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["config"] == "quickstart" and results["epochs"] == 2 and results["steps"] == 6
+  assert 0 <= results["robust_accuracy"] <= results["natural_accuracy"] <= 1
+  assert results["num_examples"] == 48
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
+  assert any("fsr_recalibrated_ce" in k for l in lines for k in l)
+  assert os.listdir(tmp_path / "tensorboard")
+  # Saved every 2 steps and at each epoch's evaluation (3, 6); the last 3 are kept.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4", "6"]
+
+
+def _final_state(workdir, config):
+  dataset = train.load_data(config)
+  model = train.build_model(config, dataset.num_classes)
+  tx, _ = train.make_optimizer(config, len(dataset.train_labels) // config.train.batch_size)
+  target = jax.eval_shape(lambda: train.create_train_state(
+      model, tx, jax.random.key(0), dataset.image_shape, ema=True))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 keep=1)
+  state, step, _ = ckpt.restore(target)
+  ckpt.close()
+  return state, step
+
+
+@pytest.mark.parametrize("defense,objective", [("fsr", "pgd_at"), ("cas", "trades")])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
+  """2k steps straight equal k steps, SIGTERM (save and exit), resume, k more: identical
+  parameters, BN statistics, optimizer state and EMA."""
+  config = tiny_config(defense, objective)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert straight["steps"] == 6
+
+  batches = data.train_batches
+  seen = {"n": 0}
+
+  def preempt_after_four(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      seen["n"] += 1
+      if seen["n"] == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(data, "train_batches", preempt_after_four)
+  stopped = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert stopped == {"preempted": True, "step": 4}
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed == straight
+  a, step_a = _final_state(tmp_path / "straight", config)
+  b, step_b = _final_state(tmp_path / "resumed", config)
+  assert step_a == step_b == 6
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.data.name=imagenet", "unknown data set 'imagenet'; allowed: cifar10, cifar100"),
+    ("--config.defense.name=dropout", "unknown defense 'dropout'; allowed: none, cas, fsr"),
+    ("--config.objective.name=awp", "unknown objective 'awp'; allowed: pgd_at, trades, mart"),
+    ("--config.objective.attack.eps=-0.1", "objective.attack.eps must be >= 0, got -0.1"),
+    ("--config.model.arch=resnet9", "unknown model.arch 'resnet9'"),
+    ("--config.train.batch_size=33",
+     "train.batch_size=33 must be a positive multiple of the device count 2"),
+])
+def test_bad_config_fails_at_startup(tmp_path, flag, message):
+  run = _main(tmp_path, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+              timeout=120)
+  assert run.returncode != 0
+  assert message in run.stderr, run.stderr[-2000:]
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_tfds_data_set_is_a_clear_error(tmp_path):
+  run = _main(tmp_path / "run", f"--config.data.data_dir={tmp_path}", config="configs/resnet18_at.py",
+              timeout=120)
+  assert run.returncode != 0
+  assert "cifar10" in run.stderr and str(tmp_path) in run.stderr and "tfds build" in run.stderr
+
+
+def test_learning_rate_schedules():
+  """Piecewise: lr, x0.1 after the first milestone epoch, x0.01 after the second; cosine
+  ends at 0."""
+  c = default_config()
+  c.optim.lr, c.optim.milestones, c.train.epochs = 0.1, (75, 90), 100
+  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(0), schedule(749), schedule(750), schedule(899),
+                              schedule(900)], [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+  c.optim.schedule = "cosine"
+  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(0), schedule(500), schedule(1000)], [0.1, 0.05, 0.0],
+                             atol=1e-7)
+  c.optim.schedule = "step"
+  with pytest.raises(ValueError, match="unknown optim.schedule 'step'"):
+    train.learning_rate_schedule(c, steps_per_epoch=10)
+
+
+def test_optimizer_is_torch_sgd():
+  """SGD with momentum and coupled weight decay equals torch.optim.SGD's update rule:
+  g += wd p; buf = m buf + g; p -= lr buf."""
+  c = default_config()
+  c.optim.schedule, c.optim.lr, c.optim.weight_decay, c.optim.momentum = "constant", 0.1, 0.01, 0.9
+  tx, _ = train.make_optimizer(c, steps_per_epoch=1)
+  p = {"w": np.array([1.0, -2.0], np.float32)}
+  state = tx.init(p)
+  buf = np.zeros(2)
+  expected = np.array([1.0, -2.0])
+  for g in ([0.5, 0.5], [-1.0, 2.0]):
+    updates, state = tx.update({"w": np.array(g, np.float32)}, state, p)
+    p = optax.apply_updates(p, updates)
+    buf = 0.9 * buf + (np.array(g) + 0.01 * expected)
+    expected = expected - 0.1 * buf
+  np.testing.assert_allclose(p["w"], expected, rtol=1e-6)
