@@ -32,4 +32,6 @@ def get_config(defense: str = "none"):
   c.train.checkpoint_every_steps = 100
   c.eval_pgd.eps = 32 / 255
   c.eval_pgd.step_size = 8 / 255
+  c.eval.eps = 32 / 255
+  c.eval.batch_size = 120
   return c

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 from typing import Any, Iterator, Mapping
@@ -38,6 +39,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 BEST_MODES = ("max", "min")
+
+
+class _DropUntrackedMetricWarning(logging.Filter):
+  """Orbax warns at every save that carries no best-metric value; most saves (periodic
+  ones, between evaluations) carry none by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropUntrackedMetricWarning())
 _STATE = "state"
 _METADATA = "metadata"
 

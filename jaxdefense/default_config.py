@@ -69,6 +69,17 @@ def get() -> ml_collections.ConfigDict:
   c.eval_pgd.step_size = 2 / 255
   c.eval_pgd.steps = 20
   c.eval_pgd.random_start = True
+
+  c.eval = ml_collections.ConfigDict()  # --mode=eval (METHOD.md section 4).
+  c.eval.num_examples = 0             # The first N test points (0 = all).
+  c.eval.batch_size = 200
+  c.eval.eps = 8 / 255
+  c.eval.seed = 0
+  # fgsm, pgd20, pgd100, pgd20_rs, cw, autoattack, autoattack_rand, adaptive, eot; the
+  # adaptive ones run where they apply (adaptive: CAS / FSR; eot, autoattack_rand: FSR).
+  c.eval.attacks = ("fgsm", "pgd20", "pgd100", "cw", "autoattack", "adaptive", "eot")
+  c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.
+  c.eval.autoattack_options = ml_collections.ConfigDict()  # e.g. {"square": {"queries": 1000}}
   return c
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
@@ -64,3 +65,10 @@ def shard_batch(mesh: Mesh, local: Any) -> Any:
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """Places a pytree on every device (the train state's layout)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly sharded across processes) array as numpy, on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

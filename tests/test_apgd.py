@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attack_models import MLP, accuracy, linf_distance, train_mlp
+from tests.attack_models import MLP, accuracy, linf_distance, train_mlp
 from jaxdefense.attacks import apgd, apgd_checkpoints, apgd_targeted, losses, step_size_halving
 from jaxdefense.attacks.apgd import _loss_and_grad, make_forward, target_classes
 from jaxdefense.models.common import ModelOutput

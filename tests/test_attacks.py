@@ -11,7 +11,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from jaxdefense import attacks, defenses, models
+from jaxdefense import attacks, defenses
 from jaxdefense.attacks import losses
 from jaxdefense.defenses import cas, fsr
 from jaxdefense.models import ModelOutput, common
@@ -75,12 +75,18 @@ CASES = [("fgsm", "linf", False), ("fgsm", "l2", False), ("pgd", "linf", False),
 @pytest.mark.parametrize("attack, norm, random_start", CASES)
 def test_eps_ball_and_box_hold_exactly(tiny, attack, norm, random_start):
   """x_adv - x lies in the eps-ball (L-inf elementwise, L2 per example) and x_adv in [0, 1],
-  checked in float32 with no tolerance, for eps 8/255, 0.1, 0.3, 1.0; the attack does move
-  the input."""
+  checked in float32 with no tolerance, for eps 8/255, 0.1, 0.3, 1.0 (traced) and 8/255
+  (a Python constant); the attack does move the input."""
   model_fn, x, labels = tiny
   xn = np.asarray(x)
-  for eps in (8 / 255, 0.1, 0.3, 1.0):
-    x_adv = np.asarray(_run(attack, model_fn, x, labels, eps, norm, random_start))
+  static = functools.partial(attacks.fgsm, eps=8 / 255) if attack == "fgsm" else \
+      functools.partial(attacks.pgd, key=jax.random.key(3), eps=8 / 255, step_size=2 / 255,
+                        steps=6, random_start=random_start)
+  runs = [(8 / 255, static(model_fn, x, labels, norm=norm))]  # eps a Python constant.
+  runs += [(eps, _run(attack, model_fn, x, labels, eps, norm, random_start))
+           for eps in (8 / 255, 0.1, 0.3, 1.0)]
+  for eps, x_adv in runs:
+    x_adv = np.asarray(x_adv)
     assert x_adv.dtype == np.float32 and x_adv.shape == xn.shape
     assert np.all(x_adv >= 0) and np.all(x_adv <= 1)
     delta = np.float32(x_adv) - np.float32(xn)
@@ -114,7 +120,7 @@ def test_eps_zero_returns_input(tiny, attack, norm, random_start):
 
 def test_pgd_linf_equals_manual_iteration(tiny):
   """PGD L-inf from x equals the hand-written loop x <- clip(clip(x + a sign(g), x +- eps),
-  0, 1) with the gradient of the summed CE (checked where no rounding decides)."""
+  0, 1) with the gradient of the summed CE, in NumPy."""
   model_fn, x, labels = tiny
   eps, step = 0.1, 0.03
   x_adv = attacks.pgd(model_fn, x, labels, eps=eps, step_size=step, steps=4,
@@ -242,66 +248,83 @@ def _ce64(logits, labels):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
 
 
-def _input_gradient64(net, variables, x, labels):
+def _setup64(defense):
+  """TinyDefended with random float64 params drawn in NumPy (no PRNG compiles), non-trivial
+  BN running statistics, a (3, 6, 6, 2) input and labels; call under jax.enable_x64."""
+  net = TinyDefended(defense)
+  x = jax.random.uniform(jax.random.key(2), (3, 6, 6, 2), jnp.float64)
+  labels = jnp.array([0, 3, 1])
+  shapes = jax.eval_shape(net.init, jax.random.key(0), x, labels)
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      bound = 1 / np.sqrt(np.prod(shape[:-1]))
+      return jnp.asarray(rng.uniform(-bound, bound, shape))
+    low, high = {"bias": (-0.1, 0.1), "scale": (0.5, 1.5), "mean": (-0.02, 0.02),
+                 "var": (0.5, 1.5)}[name]
+    return jnp.asarray(rng.uniform(low, high, shape))
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  return net, variables, x, labels
+
+
+def _grad_and_fd(net, variables, x, labels, h=None):
+  """Input gradient of sum(CE(main) + sum_k CE(aux_k)) (eval mode); with a step h also its
+  projections on three random directions and the central finite differences along them."""
   def total(v):
     logits, aux = net.apply(variables, v, labels)
     return jnp.sum(_ce64(logits, labels) + sum(_ce64(a, labels) for a in aux))
-  return jax.jit(jax.grad(total))(x), jax.jit(total)
-
-
-def _check_input_gradient(defense, h, rtol):
-  """Directional derivatives of sum(CE(main) + sum_k CE(aux_k)) in eval mode, from
-  jax.grad, against central finite differences along random directions, in float64."""
-  with jax.enable_x64(True):
-    net = TinyDefended(defense)
-    x = jax.random.uniform(jax.random.key(2), (3, 6, 6, 2), jnp.float64)
-    labels = jnp.array([0, 3, 1])
-    variables = net.init(jax.random.key(0), x, labels)
-    variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables)
-    if "batch_stats" in variables:  # Non-trivial running statistics (units stay alive).
-      u = lambda a, lo, hi: jax.random.uniform(jax.random.key(a.size), a.shape, a.dtype, lo, hi)
-      variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-          lambda path, a: a * u(a, 0.5, 1.5) if path[-1].key == "var" else a + u(a, -.02, .02),
-          variables["batch_stats"])
-      _, state = net.apply(variables, x, labels, mutable=["intermediates"])
-      mask = np.asarray(jax.tree_util.tree_leaves(state)[0])
-      assert mask.std() > 1e-3  # A mask that varies with the input, not a constant 0.5.
-
-    grad, total = _input_gradient64(net, variables, x, labels)
-    assert grad.dtype == jnp.float64 and total(x).dtype == jnp.float64
-    for seed in range(3):
-      d = jax.random.normal(jax.random.key(10 + seed), x.shape, jnp.float64)
-      analytic = float(jnp.vdot(grad, d))
-      numeric = float((total(x + h * d) - total(x - h * d)) / (2 * h))
-      assert abs(analytic) > 1e-3
-      np.testing.assert_allclose(analytic, numeric, rtol=rtol)
-    return net, variables, x, labels, grad
+  grad = jax.grad(total)(x)
+  if h is None:
+    return grad
+  dirs = np.random.default_rng(1).normal(size=(3,) + x.shape)
+  analytic = np.array([float(jnp.vdot(grad, d)) for d in dirs])
+  numeric = np.array([float(total(x + h * d) - total(x - h * d)) / (2 * h) for d in dirs])
+  return grad, analytic, numeric
 
 
 def test_input_gradient_through_cas_eval_mask_matches_finite_differences():
-  """CAS in eval mode (mask W[argmax a], a function of x through the head) has input
-  gradients equal to central finite differences (float64, tight), and the mask's
-  contribution is non-zero (ignoring it changes the gradient)."""
-  net, variables, x, labels, _ = _check_input_gradient("cas", h=1e-6, rtol=1e-6)
+  """CAS in eval mode (mask W[argmax a]): input gradients equal central finite differences
+  (float64, tight); the eval mask is the train mask of the head's own prediction."""
   with jax.enable_x64(True):
-    logits, _ = net.apply(variables, x, labels)
-    # The eval mask follows the head's prediction: feeding argmax as labels in train mode
-    # reproduces the eval output exactly.
-    a = net.apply(variables, x, labels)[1][0]
+    net, variables, x, labels = _setup64("cas")
+    grad, analytic, numeric = _grad_and_fd(net, variables, x, labels, h=1e-6)
+    assert grad.dtype == jnp.float64 and np.all(np.abs(analytic) > 1e-3)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+    logits, (a,) = net.apply(variables, x, labels)
     same, _ = TinyDefended("cas", train=True).apply(variables, x, jnp.argmax(a, -1))
     np.testing.assert_array_equal(same, logits)
+    assert not np.array_equal(np.argmax(a, -1), labels)  # The labels were not used.
+
+
+def _gumbel_sigmoid64(scores, tau, key):
+  """The eval-mode (U = 0.5) mask formula in the input's precision."""
+  assert key is None
+  p = jax.nn.sigmoid(scores)
+  return jax.nn.sigmoid((jnp.log(p + 1e-8) - jnp.log(1 - p + 1e-8)) / (tau + 1e-8))
 
 
 def test_input_gradient_through_fsr_eval_matches_finite_differences(monkeypatch):
-  """FSR in eval mode (deterministic U = 0.5 mask) has input gradients equal to central
-  finite differences (float64; the mask itself is computed in float32), and the path
-  through the mask matters (stopping its gradient changes the result)."""
-  net, variables, x, labels, grad = _check_input_gradient("fsr", h=1e-5, rtol=1e-5)
-  gumbel_sigmoid = fsr.gumbel_sigmoid
-  monkeypatch.setattr(fsr, "gumbel_sigmoid", lambda *a: jax.lax.stop_gradient(gumbel_sigmoid(*a)))
+  """FSR in eval mode (fixed U = 0.5 mask): with the mask formula evaluated in float64 the
+  input gradient equals central finite differences tightly; the library's float32 mask
+  gives the same gradient to float32 precision; the path through the mask matters
+  (blocking its gradient changes the result)."""
   with jax.enable_x64(True):
-    blocked, _ = _input_gradient64(net, variables, x, labels)
-  assert float(jnp.max(jnp.abs(blocked - grad))) > 1e-3 * float(jnp.max(jnp.abs(grad)))
+    net, variables, x, labels = _setup64("fsr")
+    _, state = jax.jit(lambda v: net.apply(variables, v, labels, mutable=["intermediates"]))(x)
+    assert np.asarray(jax.tree_util.tree_leaves(state)[0]).std() > 1e-3  # A live mask.
+    grad32 = _grad_and_fd(net, variables, x, labels)
+    gumbel_sigmoid = fsr.gumbel_sigmoid
+    monkeypatch.setattr(fsr, "gumbel_sigmoid", _gumbel_sigmoid64)
+    grad, analytic, numeric = _grad_and_fd(net, variables, x, labels, h=1e-5)
+    assert grad.dtype == jnp.float64 and np.all(np.abs(analytic) > 1e-3)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+    np.testing.assert_allclose(grad32, grad, rtol=1e-4, atol=1e-7)
+    monkeypatch.setattr(fsr, "gumbel_sigmoid",
+                        lambda *a: jax.lax.stop_gradient(gumbel_sigmoid(*a)))
+    blocked = _grad_and_fd(net, variables, x, labels)
+    assert float(jnp.max(jnp.abs(blocked - grad))) > 1e-3 * float(jnp.max(jnp.abs(grad)))
 
 
 # ---------------------------------------------------------------- losses

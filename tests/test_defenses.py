@@ -1,5 +1,7 @@
 """CAS and FSR modules, their auxiliary losses and DefenseConfig, against NumPy references
 re-derived from METHOD.md sections 1-2 (float64, computed from the modules' own params)."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,12 +69,11 @@ def to_np(tree):
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def randomise(tree, key, low=-0.5, high=0.5):
+def randomise(tree, seed, low=-0.5, high=0.5):
   """Adds uniform noise to every leaf (makes BN scale/bias and running stats non-trivial)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([l + jax.random.uniform(k, l.shape, l.dtype, low, high)
-                            for l, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda l: l + jnp.asarray(rng.uniform(low, high, l.shape), l.dtype), tree)
 
 
 class RngProbe(nn.Module):
@@ -134,8 +135,8 @@ def _fsr_setup(tau=0.1, hidden=5, num_classes=3, shape=(4, 4, 4, 6)):
   module = fsr.FSR(num_classes, inits=common.TORCH_DEFAULT, tau=tau, hidden=hidden)
   f = jax.random.normal(jax.random.key(10), shape)
   variables = module.init({"params": jax.random.key(11)}, f, train=False, stochastic=False)
-  variables = {"params": randomise(variables["params"], jax.random.key(12)),
-               "batch_stats": randomise(variables["batch_stats"], jax.random.key(13), 0.0, 0.5)}
+  variables = {"params": randomise(variables["params"], 12),
+               "batch_stats": randomise(variables["batch_stats"], 13, 0.0, 0.5)}
   return module, f, variables
 
 
@@ -207,10 +208,11 @@ def test_fsr_eval_is_deterministic_and_train_depends_on_rng():
   out1, _ = module.apply(variables, f, train=False, stochastic=False)
   out2, _ = module.apply(variables, f, train=False, stochastic=False)
   np.testing.assert_array_equal(out1, out2)
+  train_apply = functools.partial(module.apply, train=True, stochastic=True,
+                                  mutable=["batch_stats"])
 
   def train_out(seed):
-    (out, _), _ = module.apply(variables, f, train=True, stochastic=True,
-                               rngs={"gumbel": jax.random.key(seed)}, mutable=["batch_stats"])
+    (out, _), _ = train_apply(variables, f, rngs={"gumbel": jax.random.key(seed)})
     return np.asarray(out)
   np.testing.assert_array_equal(train_out(1), train_out(1))
   assert np.abs(train_out(1) - train_out(2)).max() > 1e-3

@@ -1,6 +1,7 @@
 """Backbones: shapes and parameter counts (big models only through jax.eval_shape), the
 authors' defense placements, configurable placement, input checks, train/eval behaviour and
 the authors' weight-initialisation schemes (statistical checks on small real inits)."""
+import functools
 import math
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdefense import defenses, models
-from jaxdefense.models import resnet, vgg, wide_resnet
+from jaxdefense.models import resnet, vgg
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "preact_resnet18", "wrn34_10", "wrn28_10", "vgg16")
 
@@ -146,14 +147,14 @@ def test_insertion_points_listing():
                                                "layer2.1": (128, 16), "layer3.1": (256, 8),
                                                "layer4.1": (512, 4)}),
     ("resnet18", "fsr", ("layer2.0",), {"layer2.0": (128, 16)}),
-    ("wrn34_10", "cas", ("block3.*.preact",), {f"block3.{b}.preact": (640, 8)
-                                               for b in range(1, 5)} | {"block3.0.preact": (320, 16)}),
+    ("wrn34_10", "cas", ("block3.*.preact",),
+     {"block3.0.preact": (320, 16)} | {f"block3.{b}.preact": (640, 8) for b in range(1, 5)}),
     ("vgg16", "fsr", ("stage3.2", "stage4.?"), {"stage3.2": (256, 8), "stage4.0": (512, 4),
                                                 "stage4.1": (512, 4), "stage4.2": (512, 4)}),
 ])
 def test_configurable_placement(arch, defense, sites, expected):
   """DefenseConfig.sites moves the defense (names and globs); the modules sit on feature
-  maps of the expected channels and spatial size."""
+  maps of the expected channels (and, for FSR, spatial size)."""
   model = models.create(arch, num_classes=10,
                         defense=defenses.DefenseConfig(name=defense, sites=sites))
   _, out, state = abstract_run(model, 32)
@@ -271,11 +272,14 @@ def test_train_updates_batch_stats_and_eval_is_deterministic(defense):
   assert len(old) == len(new) > 0
   for a, b in zip(old, new):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
-  eval1 = model.apply(variables, x, labels, train=False)
-  eval2 = model.apply(variables, x, None, train=False)
-  np.testing.assert_array_equal(eval1.logits, eval2.logits)
-  for k in eval1.aux:
-    np.testing.assert_array_equal(eval1.aux[k], eval2.aux[k])
+  eval_apply = functools.partial(model.apply, train=False)
+  eval1 = eval_apply(variables, x, labels)
+  eval2 = eval_apply(variables, x, None)
+  eval3 = eval_apply(variables, x, None)
+  for other in (eval2, eval3):
+    np.testing.assert_array_equal(eval1.logits, other.logits)
+    for k in eval1.aux:
+      np.testing.assert_array_equal(eval1.aux[k], other.aux[k])
   assert np.abs(np.asarray(eval1.logits) - np.asarray(out.logits)).max() > 1e-4
   assert sorted(eval1.aux) == sorted(out.aux)
 

@@ -149,7 +149,8 @@ def _schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_check, window
 
 
-def step_size_halving(loss_steps: jax.Array, i, k, loss_best: jax.Array,
+def step_size_halving(loss_steps: jax.Array, i: int | jax.Array, k: int | jax.Array,
+                      loss_best: jax.Array,
                       best_at_last_check: jax.Array, reduced_at_last_check: jax.Array,
                       rho: float = 0.75) -> jax.Array:
   """Which points halve eta at checkpoint i (window of k iterations), (N,) bool:
@@ -263,8 +264,8 @@ def _single_run(evaluate, x: jax.Array, labels: jax.Array, x_start: jax.Array,
 
 
 def run_on_robust(forward: Forward, x: jax.Array, labels: jax.Array, keys: jax.Array,
-                model_key: jax.Array | None, active: jax.Array | None, runs: int,
-                run_fn) -> jax.Array:
+                  model_key: jax.Array | None, active: jax.Array | None, runs: int,
+                  run_fn: Callable[..., tuple[jax.Array, jax.Array]]) -> jax.Array:
   """The reference's `perturb`: `runs` runs, each on the points still correctly classified
   (masked); a point fooled by a run takes that run's adversarial point and is not run again.
   `run_fn(run, keys, model_key, x, attacked) -> (x_adv, still_correct)`."""
@@ -326,9 +327,6 @@ def apgd(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, stochastic)
   keys, model_key = example_keys(key, x.shape[0], model_key, stochastic)
-  if loss == "dlr" and num_classes(forward, x, model_key) < 3:
-    raise ValueError("the DLR loss needs >= 3 classes, got "
-                     f"{num_classes(forward, x, model_key)}")
   evaluate = _loss_and_grad(forward, loss_fn, labels, eot_samples)
   unroll = default_unroll(steps) if unroll is None else unroll
 

@@ -24,8 +24,8 @@ from jaxdefense.attacks.apgd import (
     NORMS as APGD_NORMS, StochasticModelFn, apgd, apgd_targeted, check_eps, example_keys, fold,
     fold_model, make_forward, per_point, predicts)
 from jaxdefense.attacks.fab import NORMS as FAB_NORMS, fab_targeted
-from jaxdefense.attacks.square import NORMS as SQUARE_NORMS, square
 from jaxdefense.attacks.pgd import ModelFn
+from jaxdefense.attacks.square import NORMS as SQUARE_NORMS, square
 
 VERSIONS = ("standard", "rand")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")

@@ -77,16 +77,17 @@ class Inits:
 class Hooks:
   """Applies the configured defense at the backbone's chosen insertion points.
 
-  Created inside a backbone's `@nn.compact __call__`; the defense modules it builds
-  become submodules of that backbone, named `cas_<site>` / `fsr_<site>`.
+  Created inside a backbone's (`host`'s) `@nn.compact __call__`; the defense modules it
+  builds become submodules of that backbone, named `cas_<site>` / `fsr_<site>`.
   """
 
-  def __init__(self, defense: DefenseConfig, active: frozenset[str], *, num_classes: int,
-               labels: jax.Array | None, train: bool, stochastic_mask: bool,
+  def __init__(self, host: Any, defense: DefenseConfig, active: frozenset[str], *,
+               num_classes: int, labels: jax.Array | None, train: bool, stochastic_mask: bool,
                inits: Inits, dtype: Any):
     if defense.name == "cas" and train and labels is None:
       raise ValueError("CAS in training mode masks channels by the ground-truth label: "
                        "pass labels=... to the model when train=True")
+    self.host = host
     self.defense = defense
     self.active = active if defense.name != "none" else frozenset()
     self.num_classes = num_classes
@@ -98,8 +99,15 @@ class Hooks:
     self.aux: dict[str, jax.Array] = {}
 
   def __call__(self, site: str, x: jax.Array) -> jax.Array:
-    if site not in self.active:
-      return x
+    """The feature map at `site`, defended if the site is active. Both sides are recorded
+    in the `features` collection when it is mutable (activation analysis)."""
+    self.host.sow("features", f"{site}/input", x)
+    if site in self.active:
+      x = self._defend(site, x)
+    self.host.sow("features", f"{site}/output", x)
+    return x
+
+  def _defend(self, site: str, x: jax.Array) -> jax.Array:
     name = site.replace(".", "_")
     if self.defense.name == "cas":
       x, logits = cas.CAS(self.num_classes, inits=self.inits, dtype=self.dtype,

@@ -16,13 +16,18 @@ def gumbel_sigmoid(scores: jax.Array, tau: float, key: jax.Array | None) -> jax.
   """Soft robustness mask m from per-activation scores r (METHOD.md eq. of section 2.2).
 
   p = sigmoid(r); l1 = log(p + e) + G1; l2 = log(1 - p + e) + G2; G = -log(-log(U + e) + e);
-  m = softmax([l1, l2] / tau)[0] = sigmoid((l1 - l2) / tau), the stable form.
+  m = softmax([l1, l2] / tau)[0] = sigmoid((l1 - l2) / tau), the stable form, with the logs
+  taken in log space.
   key=None fixes U = 0.5 (eval mode: G1 = G2 cancel); else U ~ Uniform(0, 1), independent
   for both logits and every activation. Computed in float32.
   """
   r = scores.astype(jnp.float32)
-  p = jax.nn.sigmoid(r)
-  diff = jnp.log(p + EPS) - jnp.log(1.0 - p + EPS)
+  # log(p + e) = logaddexp(log p, log e), with log p = log_sigmoid(r): exact, and finite in
+  # value and gradient for saturated scores (the direct form's gradient is 0/0 = NaN under
+  # XLA once sigmoid(r) rounds to 1).
+  log_eps = jnp.log(jnp.float32(EPS))
+  diff = (jnp.logaddexp(jax.nn.log_sigmoid(r), log_eps)
+          - jnp.logaddexp(jax.nn.log_sigmoid(-r), log_eps))
   if key is not None:
     u1, u2 = jax.random.uniform(key, (2,) + r.shape, jnp.float32)
     gumbel = lambda u: -jnp.log(-jnp.log(u + EPS) + EPS)

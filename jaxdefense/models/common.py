@@ -100,7 +100,7 @@ class Backbone(nn.Module):
       raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
     check_labels(labels, self.num_classes)
     return defenses.Hooks(
-        self.defense, self.active_sites(), num_classes=self.num_classes, labels=labels,
+        self, self.defense, self.active_sites(), num_classes=self.num_classes, labels=labels,
         train=train, stochastic_mask=train if stochastic_mask is None else stochastic_mask,
         inits=inits, dtype=self.dtype)
 

@@ -1,0 +1,159 @@
+"""Channel-activation analysis of a checkpoint (Bai et al., ICLR 2021, Figures 1-3).
+
+`python main.py --mode=analyze --config=... --workdir=DIR`: at each analysed insertion
+point (the defended ones; the CAS placement for an undefended model), the mean activation
+magnitude per channel on natural and on PGD examples, its uniformity (normalised entropy of
+the channel-magnitude distribution: 1 = all channels equally active), and for FSR the
+fraction of activations its mask marks non-robust (m < 0.5) on natural vs adversarial
+inputs. Numbers go to `DIR/analysis.json`; sorted bar plots to `DIR/analysis_<site>.png`
+when matplotlib is installed (`pip install -e ".[plot]"`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdefense import attacks, data, defenses, evaluate, parallel, train
+
+
+def analysed_sites(model) -> tuple[str, ...]:
+  """The defended sites, or where CAS would sit for an undefended model."""
+  if model.defense.name != "none":
+    return tuple(sorted(model.active_sites()))
+  return tuple(sorted(model.clone(defense=defenses.DefenseConfig(name="cas"))
+                      .active_sites()))
+
+
+def normalised_entropy(magnitudes: np.ndarray) -> float:
+  """H(p) / log(C) with p the channel magnitudes normalised to sum 1 (1 = uniform)."""
+  p = np.asarray(magnitudes, np.float64)
+  p = p / max(p.sum(), 1e-12)
+  nonzero = p[p > 0]
+  return float(-(nonzero * np.log(nonzero)).sum() / np.log(len(p)))
+
+
+def _statistics(model, variables, x, weight, sites):
+  """Per-site channel sums of |activation| over (N, H, W) and FSR mask counts, each
+  example weighted by `weight` (0 for padding)."""
+  _, state = model.apply(variables, x, train=False, mutable=["features", "intermediates"])
+  w = weight[:, None, None, None]
+  out = {}
+  for site in sites:
+    f = state["features"][f"{site}/output"][0].astype(jnp.float32)
+    out[site] = {"channel_sum": jnp.sum(jnp.abs(f) * w, axis=(0, 1, 2)),
+                 "positions": jnp.sum(weight) * f.shape[1] * f.shape[2]}
+  for path, mask in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {})):
+    name = jax.tree_util.keystr(path)
+    if "fsr_" in name:
+      out[name] = {"non_robust": jnp.sum((mask < 0.5) * w),
+                   "total": jnp.sum(weight) * np.prod(mask.shape[1:])}
+  return out
+
+
+def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
+            labels: np.ndarray, mesh) -> dict[str, Any]:
+  """Natural vs PGD-20 (config.eval_pgd) channel statistics at the analysed sites."""
+  sites = analysed_sites(model)
+  pgd = config.eval_pgd
+
+  @jax.jit
+  def step(variables, batch, key):
+    x = data.to_float(batch["images"])
+    x_adv = attacks.pgd(attacks.deployed(model, variables), x, batch["labels"], key,
+                        eps=pgd.eps, step_size=pgd.step_size, steps=pgd.steps,
+                        random_start=pgd.random_start)
+    weight = batch["mask"].astype(jnp.float32)
+    return (_statistics(model, variables, x, weight, sites),
+            _statistics(model, variables, x_adv, weight, sites), jnp.sum(weight))
+
+  totals = None
+  for i, (x, y, mask) in enumerate(data.eval_batches(
+      images, labels, config.eval.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
+    stats = jax.device_get(step(variables, batch, jax.random.fold_in(
+        jax.random.key(config.eval.seed), i)))
+    totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+  natural, adversarial, count = totals
+  report: dict[str, Any] = {"num_examples": int(count), "attack": f"PGD-{pgd.steps}",
+                            "eps": pgd.eps, "sites": {}}
+  for site in sites:
+    entry = {}
+    for kind, stats in (("natural", natural), ("adversarial", adversarial)):
+      s = stats[site]
+      magnitude = s["channel_sum"] / s["positions"]
+      entry[kind] = {"mean_magnitude": float(magnitude.mean()),
+                     "uniformity": normalised_entropy(magnitude),
+                     "channel_magnitude": magnitude.tolist()}
+    report["sites"][site] = entry
+  fsr = {name: {"natural_non_robust_fraction": float(natural[name]["non_robust"]
+                                                     / natural[name]["total"]),
+                "adversarial_non_robust_fraction": float(adversarial[name]["non_robust"]
+                                                         / adversarial[name]["total"])}
+         for name in natural if name not in sites}
+  if fsr:
+    report["fsr_masks"] = fsr
+  return report
+
+
+def plot(report: dict[str, Any], workdir: str) -> list[str]:
+  """Per site, channels sorted by natural magnitude, natural vs adversarial bars (PNG)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plots (pip install -e '.[plot]')", flush=True)
+    return []
+  paths = []
+  for site, entry in report["sites"].items():
+    nat = np.asarray(entry["natural"]["channel_magnitude"])
+    adv = np.asarray(entry["adversarial"]["channel_magnitude"])
+    order = np.argsort(-nat)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(np.arange(len(nat)), nat[order], width=1.0, alpha=0.7, label="natural")
+    ax.bar(np.arange(len(adv)), adv[order], width=1.0, alpha=0.7, label=report["attack"])
+    ax.set_xlabel("channel (sorted by natural magnitude)")
+    ax.set_ylabel("mean |activation|")
+    ax.set_title(f"{site}: uniformity natural {entry['natural']['uniformity']:.3f}, "
+                 f"adversarial {entry['adversarial']['uniformity']:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, f"analysis_{site}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+  mesh = parallel.make_mesh()
+  train.validate(config, mesh)
+  dataset = train.load_data(config)
+  model = train.build_model(config, dataset.num_classes)
+  variables, step = evaluate.restore_variables(config, workdir, which, model,
+                                               dataset.image_shape, mesh)
+  n = config.eval.num_examples or len(dataset.test_labels)
+  report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],
+                   mesh)
+  report.update(checkpoint=which, step=step, defense=config.defense.name)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "analysis.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    for site, entry in report["sites"].items():
+      print(f"{site}: mean |activation| natural {entry['natural']['mean_magnitude']:.4f} "
+            f"adversarial {entry['adversarial']['mean_magnitude']:.4f}; uniformity natural "
+            f"{entry['natural']['uniformity']:.4f} adversarial "
+            f"{entry['adversarial']['uniformity']:.4f}", flush=True)
+    for name, entry in report.get("fsr_masks", {}).items():
+      print(f"FSR mask {name}: non-robust fraction natural "
+            f"{entry['natural_non_robust_fraction']:.4f} adversarial "
+            f"{entry['adversarial_non_robust_fraction']:.4f}", flush=True)
+    plot(report, workdir)
+  return report

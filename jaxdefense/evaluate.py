@@ -1,0 +1,228 @@
+"""The robustness evaluation papers report (METHOD.md section 4), on a trained checkpoint.
+
+`python main.py --mode=eval --config=... --workdir=DIR` restores the run's best (or latest)
+checkpoint and runs every attack in `config.eval.attacks` over the first
+`config.eval.num_examples` test points, batched and sharded over all devices. Each attack
+yields a per-point "still correct" vector; the ensemble is correct naturally and under
+every attack. Results go to `DIR/eval.json` and the papers' table to `DIR/eval.md`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxdefense import attacks, checkpoint, data, parallel, train
+from jaxdefense.attacks.autoattack import autoattack
+from jaxdefense.attacks import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """One column of the table: how to find x' for a batch, and what it is."""
+  title: str
+  run: Callable[..., jax.Array]   # (model, defense, variables, x, labels, key) -> correct (N,)
+  params: dict[str, Any]
+  applies: Callable[[str], bool] = lambda defense: True
+
+
+def _correct(model, variables, x_adv, labels) -> jax.Array:
+  return jnp.argmax(attacks.deployed(model, variables)(x_adv).logits, -1) == labels
+
+
+def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str = "ce",
+                eot_samples: int = 0):
+  def run(model, defense, variables, x, labels, key, *, eps):
+    loss_fn = {"ce": losses.cross_entropy, "cw": losses.cw(50.0),
+               "defense": losses.defense_loss(defense)}[loss]
+    model_fn = attacks.deployed(model, variables)
+    if eot_samples:
+      model_fn = lambda v, k: model.apply(variables, v, train=False, stochastic_mask=True,
+                                          rngs={"gumbel": k})
+    x_adv = attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=step_fraction * eps,
+                        steps=steps, random_start=random_start, loss=loss_fn,
+                        eot_samples=eot_samples)
+    return _correct(model, variables, x_adv, labels)
+  return run
+
+
+def _fgsm(model, defense, variables, x, labels, key, *, eps):
+  del defense, key
+  return _correct(model, variables,
+                  attacks.fgsm(attacks.deployed(model, variables), x, labels, eps=eps), labels)
+
+
+def _autoattack(version: str, options: dict):
+  def run(model, defense, variables, x, labels, key, *, eps):
+    del defense
+    if version == "rand":
+      model_fn = lambda v, k: model.apply(variables, v, train=False, stochastic_mask=True,
+                                          rngs={"gumbel": k})
+    else:
+      model_fn = attacks.deployed(model, variables)
+    result = autoattack(model_fn, x, labels, key, eps=eps, version=version,
+                        options=options or None)
+    # Scored on the model as deployed, like every other column.
+    return result.robust & _correct(model, variables, result.x_adv, labels)
+  return run
+
+
+def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
+  """Every attack the evaluation knows, configured from `config.eval`."""
+  e = config.eval
+  aa_options = {k: dict(v) for k, v in e.autoattack_options.items()}
+  rand_options = {k: dict(aa_options.get(k, {})) for k in ("apgd-ce", "apgd-dlr")}
+  for options in rand_options.values():
+    options.setdefault("eot_samples", e.eot_samples)
+  return {
+      "fgsm": Attack("FGSM", _fgsm, {}),
+      "pgd20": Attack("PGD-20", _pgd_attack(20, 0.1, False),
+                      {"steps": 20, "step_size": "0.1 eps", "random_start": False}),
+      "pgd100": Attack("PGD-100", _pgd_attack(100, 0.1, False),
+                       {"steps": 100, "step_size": "0.1 eps", "random_start": False}),
+      "pgd20_rs": Attack("PGD-20 (rs)", _pgd_attack(20, 0.25, True),
+                         {"steps": 20, "step_size": "0.25 eps", "random_start": True}),
+      "cw": Attack("C&W", _pgd_attack(30, 0.1, False, loss="cw"),
+                   {"steps": 30, "step_size": "0.1 eps", "loss": "cw (kappa 50)"}),
+      "autoattack": Attack("AA", _autoattack("standard", aa_options),
+                           {"version": "standard", "options": aa_options}),
+      "autoattack_rand": Attack("AA (rand)", _autoattack("rand", rand_options),
+                                {"version": "rand", "options": rand_options},
+                                applies=lambda d: d == "fsr"),
+      "adaptive": Attack("Adaptive PGD-100", _pgd_attack(100, 0.1, False, loss="defense"),
+                         {"steps": 100, "step_size": "0.1 eps", "loss": "defense training loss"},
+                         applies=lambda d: d != "none"),
+      "eot": Attack(f"EOT PGD-20 (x{e.eot_samples})",
+                    _pgd_attack(20, 0.1, False, eot_samples=e.eot_samples),
+                    {"steps": 20, "step_size": "0.1 eps", "eot_samples": e.eot_samples,
+                     "mask": "train-mode stochastic Gumbel mask"},
+                    applies=lambda d: d == "fsr"),
+  }
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, which: str, model,
+                      image_shape, mesh) -> tuple[dict, int]:
+  """The checkpoint's variables (its EMA when the run kept one), replicated on the mesh."""
+  tx, _ = train.make_optimizer(config, 1)
+  ema = config.train.ema_decay > 0
+  abstract = jax.eval_shape(lambda: train.create_train_state(
+      model, tx, jax.random.key(0), image_shape, ema=ema))
+  sharding = parallel.replicated(mesh)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
+                                 keep=1, best_metric="pgd_accuracy")
+  try:
+    restored = ckpt.restore(target, which=which)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first with "
+                            f"--mode=train --workdir={workdir}")
+  state, step, _ = restored
+  return state.variables(use_ema=ema), step
+
+
+def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
+             labels: np.ndarray, mesh, *, names: tuple[str, ...] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+  """Per-attack and ensemble accuracy of `model` on (images, labels) (uint8 NHWC)."""
+  e = config.eval
+  defense = train.defense_config(config)
+  attacks_by_name = suite(config)
+  names = tuple(e.attacks) if names is None else names
+  unknown = [n for n in names if n not in attacks_by_name]
+  if unknown:
+    raise ValueError(f"unknown eval attack(s) {unknown}; allowed: {', '.join(attacks_by_name)}")
+  parallel.check_batch_size(e.batch_size, mesh, "eval.batch_size")
+  if e.eps < 0:
+    raise ValueError(f"eval.eps must be >= 0, got {e.eps}")
+
+  def per_point(name: str, fn) -> tuple[np.ndarray, float]:
+    step = jax.jit(lambda v, batch, key: fn(v, batch["x"], batch["labels"], key))
+    out, start = [], time.time()
+    batches = list(data.eval_batches(images, labels, e.batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()))
+    bar = tqdm.tqdm(batches, desc=name, unit="batch",
+                    disable=not progress or jax.process_index() != 0)
+    for i, (x, y, mask) in enumerate(bar):
+      batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
+      batch["x"] = data.to_float(batch["x"])
+      key = jax.random.fold_in(jax.random.key(e.seed), i)
+      correct = parallel.to_host(step(variables, batch, key))
+      out.append(correct[parallel.to_host(batch["mask"])])
+    return np.concatenate(out), time.time() - start
+
+  natural_fn = lambda v, x, y, k: _correct(model, v, x, y)
+  results: dict[str, Any] = {}
+  natural, seconds = per_point("natural", natural_fn)
+  results["natural"] = {"title": "Natural", "accuracy": float(natural.mean()),
+                        "num_points": int(natural.size), "time_s": seconds}
+  ensemble = natural.copy()
+  for name in names:
+    attack = attacks_by_name[name]
+    if not attack.applies(defense.name):
+      results[name] = {"title": attack.title, "skipped": f"not applicable to defense "
+                                                         f"{defense.name!r}"}
+      continue
+    fn = functools.partial(attack.run, model, defense, eps=e.eps)
+    correct, seconds = per_point(name, lambda v, x, y, k: fn(v, x, y, k))
+    correct &= natural  # Robust: correct naturally and under the attack.
+    ensemble &= correct
+    results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
+                     "num_points": int(correct.size), "eps": e.eps, "norm": "linf",
+                     "seed": e.seed, "time_s": seconds, **attack.params}
+  results["ensemble"] = {"title": "Ensemble", "accuracy": float(ensemble.mean()),
+                         "num_points": int(ensemble.size),
+                         "attacks": [n for n in names if "accuracy" in results[n]]}
+  return results
+
+
+def markdown_table(results: dict[str, Any], caption: str) -> str:
+  """The papers' table: one row, a column per attack in run order, ensemble last."""
+  cols = [(r["title"], r) for r in results.values()]
+  head = "| " + " | ".join(t for t, _ in cols) + " |"
+  rule = "|" + "---|" * len(cols)
+  cell = lambda r: f"{100 * r['accuracy']:.2f}" if "accuracy" in r else "n/a"
+  row = "| " + " | ".join(cell(r) for _, r in cols) + " |"
+  notes = [f"- {r['title']}: {r['skipped']}" for _, r in cols if "skipped" in r]
+  return "\n".join([caption, "", head, rule, row, *([""] + notes if notes else []), ""])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+  """Restores the run in `workdir` and writes eval.json and eval.md there."""
+  mesh = parallel.make_mesh()
+  train.validate(config, mesh)
+  dataset = train.load_data(config)
+  model = train.build_model(config, dataset.num_classes)
+  variables, step = restore_variables(config, workdir, which, model, dataset.image_shape, mesh)
+  n = config.eval.num_examples or len(dataset.test_labels)
+  images, labels = dataset.test_images[:n], dataset.test_labels[:n]
+  if jax.process_index() == 0:
+    print(f"evaluating {which} checkpoint (step {step}) of {workdir} on {len(labels)} "
+          f"{dataset.name} test points, eps {config.eval.eps:.4f} L-inf", flush=True)
+  results = evaluate(config, model, variables, images, labels, mesh)
+  report = {"config": config.get("name", ""), "checkpoint": which, "step": step,
+            "defense": config.defense.name, "arch": config.model.arch,
+            "data": dataset.name, "eps": config.eval.eps, "results": results}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    caption = (f"{config.get('name', '')}: {config.model.arch} + {config.defense.name}, "
+               f"{dataset.name}, {len(labels)} test points, eps {255 * config.eval.eps:g}/255 "
+               f"L-inf, {which} checkpoint (step {step}); accuracy (%)")
+    table = markdown_table(results, caption)
+    with open(os.path.join(workdir, "eval.md"), "w") as f:
+      f.write(table)
+    print(table, flush=True)
+  return report

@@ -1,0 +1,182 @@
+"""FAB-T, Square and AutoAttack (METHOD.md section 6): FAB's hyperplane projection against
+a linear program, Square's p schedule, each attack and the standard and rand versions on a
+naturally trained digits MLP (pointwise worst case, never above any component or natural
+accuracy, inside the ball), a gradient-masked model that Square still breaks, masked
+execution equal to the reference's run-on-the-subset loop, and the input errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from tests.attack_models import accuracy, linf_distance, train_mlp
+from jaxdefense.attacks import apgd, apgd_targeted, autoattack, fab_targeted, square
+from jaxdefense.attacks.autoattack import version_attacks, version_options
+from jaxdefense.attacks.fab import project_linf_hyperplane
+from jaxdefense.attacks.square import p_selection, square_sizes
+from jaxdefense.models.common import ModelOutput
+
+EPS = 0.1
+SQUARE_EPS = 0.2   # Square's 300 queries need a larger ball than the gradient attacks here.
+SMALL = {"apgd-ce": {"steps": 15, "unroll": 1}, "apgd-dlr": {"steps": 15, "unroll": 1},
+         "apgd-t": {"steps": 10, "n_target": 2, "unroll": 1},
+         "fab-t": {"steps": 10, "n_target": 2, "unroll": 1}, "square": {"queries": 300}}
+
+
+@pytest.fixture(scope="module")
+def trained():
+  model_fn, x, y = train_mlp()
+  return model_fn, x[:48], y[:48]
+
+
+def _inside(x_adv, x, eps=EPS):
+  return linf_distance(x_adv, x) <= np.float32(eps) and float(x_adv.min()) >= 0 and \
+      float(x_adv.max()) <= 1
+
+
+def test_fab_projection_is_the_least_linf_step():
+  rng = np.random.RandomState(0)
+  dim = 6
+  for _ in range(20):
+    t = rng.rand(1, dim).astype(np.float32)
+    w = rng.randn(1, dim).astype(np.float32)
+    b = (w @ t[0] + rng.randn() * 0.5).astype(np.float32)
+    d = np.asarray(project_linf_hyperplane(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))[0]
+    # min s  s.t. |d_i| <= s, w.d = b - w.t, 0 <= t + d <= 1; variables (d, s).
+    c = np.r_[np.zeros(dim), 1.0]
+    a_ub = np.r_[np.c_[np.eye(dim), -np.ones(dim)], np.c_[-np.eye(dim), -np.ones(dim)]]
+    bounds = [(-ti, 1 - ti) for ti in t[0]] + [(0, None)]
+    lp = linprog(c, A_ub=a_ub, b_ub=np.zeros(2 * dim), A_eq=np.r_[w[0], 0.0][None],
+                 b_eq=[float(b[0] - w[0] @ t[0])], bounds=bounds)
+    if lp.status == 0:
+      assert np.max(np.abs(d)) == pytest.approx(lp.fun, abs=1e-5)
+      assert float(w[0] @ (t[0] + d)) == pytest.approx(float(b[0]), abs=1e-4)
+    else:   # the box cannot reach the hyperplane: the corner closest to it
+      corner = np.where(w[0] * np.sign(w[0] @ t[0] - b[0]) < 0, 1.0, 0.0)
+      np.testing.assert_allclose(t[0] + d, corner, atol=1e-6)
+    assert np.all(t[0] + d >= -1e-6) and np.all(t[0] + d <= 1 + 1e-6)
+
+
+def test_square_schedule():
+  assert [p_selection(0.8, i, 5000) for i in (0, 10, 11, 50, 51, 200, 201, 500, 501)] == \
+      [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.1, 0.05]
+  assert p_selection(0.8, 8001, 10000) == 0.8 / 512
+  assert p_selection(0.8, 6, 1000, rescale_schedule=True) == 0.2    # it -> 60
+  sizes = square_sizes(32, 32, 5000)
+  assert sizes[0] == 29 and sizes[11] == 20 and sizes[4999] == 3    # round(sqrt(p 1024))
+  assert square_sizes(8, 8, 5000).min() == 1
+
+
+def test_each_attack_breaks_trained_model(trained):
+  model_fn, x, y = trained
+  natural = accuracy(model_fn, x, y)
+  assert natural > 0.9
+  key = jax.random.key(0)
+  for attack, eps in ((functools.partial(fab_targeted, steps=10, n_target=2, unroll=1), EPS),
+                      (functools.partial(square, queries=300), SQUARE_EPS)):
+    x_adv = attack(model_fn, x, y, key, eps=eps)
+    assert _inside(x_adv, x, eps)
+    assert accuracy(model_fn, x_adv, y) < natural - 0.4
+
+
+def test_standard_version_is_the_pointwise_worst_case(trained):
+  model_fn, x, y = trained
+  key = jax.random.key(1)
+  run = jax.jit(lambda x, y, key, eps: autoattack(model_fn, x, y, key, eps=eps,
+                                                  options=SMALL))
+  result = run(x, y, key, EPS)
+  natural = accuracy(model_fn, x, y)
+  robust = float(result.robust_accuracy())
+  assert float(result.accuracy()) == pytest.approx(natural)
+  assert robust < natural - 0.4
+  assert list(result.robust_after) == list(version_attacks("standard"))
+  previous = result.clean
+  for name, mask in result.robust_after.items():
+    assert not np.any(mask & ~previous), name   # fooled stays fooled
+    previous = mask
+  np.testing.assert_array_equal(result.robust, previous)
+  assert _inside(result.x_adv, x)
+  # Robust points keep x; every fooled point's x_adv is misclassified.
+  np.testing.assert_array_equal(result.x_adv[result.robust], x[result.robust])
+  predicted = jnp.argmax(model_fn(result.x_adv).logits, -1)
+  fooled = result.clean & ~result.robust
+  assert bool(jnp.all(predicted[fooled] != y[fooled]))
+  np.testing.assert_array_equal(result.robust, result.clean & (predicted == y))
+  for name in version_attacks("standard"):
+    alone = autoattack(model_fn, x, y, key, eps=EPS, attacks=(name,), options=SMALL)
+    assert robust <= float(alone.robust_accuracy()) <= natural, name
+
+
+def test_gradient_masked_model_is_not_reported_robust(trained):
+  model_fn, x, y = trained
+  # Rounding the input to 1/8 steps: the input gradient is zero everywhere.
+  masked = lambda v: model_fn(jnp.round(v * 8) / 8)
+  natural = accuracy(masked, x, y)
+  assert not np.any(jax.grad(lambda v: masked(v).logits.sum())(x))
+  key = jax.random.key(2)
+  result = autoattack(masked, x, y, key, eps=SQUARE_EPS, options=SMALL)
+  # The gradient attacks (run first) fail; Square, after them, breaks the model.
+  assert float(jnp.mean(result.robust_after["fab-t"])) > natural - 0.2
+  assert float(result.robust_accuracy()) < natural - 0.4
+
+
+def test_masked_execution_equals_running_on_the_subset(trained):
+  model_fn, x, y = trained
+  x, y = x[:24], y[:24]
+  keys = jax.random.split(jax.random.key(3), x.shape[0])
+  result = autoattack(model_fn, x, y, keys, eps=EPS, options=SMALL)
+  # The reference's loop: each attack on the points still robust, gathered.
+  robust = np.array(jnp.argmax(model_fn(x).logits, -1) == y)
+  x_adv = np.array(x)
+  attacks = {"apgd-ce": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square}
+  for j, name in enumerate(version_attacks("standard")):
+    subset = np.flatnonzero(robust)
+    options = {**version_options("standard")[name], **SMALL[name]}
+    sub_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys[subset])
+    adv = attacks[name](model_fn, x[subset], y[subset], sub_keys, eps=EPS, **options)
+    fooled = np.asarray(jnp.argmax(model_fn(adv).logits, -1) != y[subset])
+    x_adv[subset[fooled]] = np.asarray(adv)[fooled]
+    robust[subset[fooled]] = False
+    np.testing.assert_array_equal(result.robust_after[name], robust, err_msg=name)
+  np.testing.assert_allclose(result.x_adv, x_adv, atol=1e-5)
+
+
+def test_rand_version_with_eot(trained):
+  model_fn, x, y = trained
+
+  def randomised(v, key):
+    return model_fn(jnp.clip(v + 0.02 * jax.random.normal(key, v.shape), 0, 1))
+  assert version_attacks("rand") == ("apgd-ce", "apgd-dlr")
+  assert version_options("rand")["apgd-ce"]["eot_samples"] == 20
+  options = {"apgd-ce": {"steps": 10, "eot_samples": 3, "unroll": 1},
+             "apgd-dlr": {"steps": 10, "eot_samples": 3, "unroll": 1}}
+  result = jax.jit(lambda x, y, k: autoattack(randomised, x, y, k, eps=EPS, version="rand",
+                                              options=options))(x, y, jax.random.key(4))
+  assert float(result.robust_accuracy()) < float(result.accuracy()) - 0.4
+  assert _inside(result.x_adv, x)
+
+
+def test_bad_input_raises(trained):
+  model_fn, x, y = trained
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="'plus'.*standard, rand"):
+    autoattack(model_fn, x, y, key, eps=EPS, version="plus")
+  with pytest.raises(ValueError, match="'fab'.*apgd-ce"):
+    autoattack(model_fn, x, y, key, eps=EPS, attacks=("fab",))
+  with pytest.raises(ValueError, match="'iterations' for apgd-t.*steps"):
+    autoattack(model_fn, x, y, key, eps=EPS, options={"apgd-t": {"iterations": 5}})
+  with pytest.raises(ValueError, match="fab-t supports norm linf; got 'l2'"):
+    autoattack(model_fn, x, y, key, eps=EPS, norm="l2")
+  with pytest.raises(ValueError, match="'l1'"):
+    autoattack(model_fn, x, y, key, eps=EPS, norm="l1")
+  with pytest.raises(ValueError, match="eps must be >= 0"):
+    autoattack(model_fn, x, y, key, eps=-1.0)
+  with pytest.raises(ValueError, match="square needs a deterministic model"):
+    autoattack(model_fn, x, y, key, eps=EPS, version="rand", attacks=("square",))
+  with pytest.raises(ValueError, match="n_target=10.*1..9"):
+    fab_targeted(model_fn, x, y, key, eps=EPS, n_target=10)
+  with pytest.raises(ValueError, match="rank 4"):
+    square(lambda v: ModelOutput(v @ jnp.ones((64, 10)), {}), x.reshape(48, 64), y, key,
+           eps=EPS)

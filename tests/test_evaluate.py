@@ -1,0 +1,105 @@
+"""The evaluation suite and the activation analysis on checkpoints written by training."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdefense import analysis, evaluate, parallel, train
+from tests.test_train import tiny_config
+
+FAST_AA = {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 10, "n_target": 2},
+           "fab-t": {"steps": 10, "n_target": 2}, "square": {"queries": 100},
+           "apgd-dlr": {"steps": 10}}
+
+
+def _config(defense):
+  c = tiny_config(defense, "natural")
+  c.data.num_train, c.data.num_test = None, 96
+  c.train.epochs, c.train.eval_every_epochs, c.train.ema_decay = 4, 4, 0.0
+  c.optim.lr, c.optim.milestones = 0.05, (3,)
+  c.eval.eps, c.eval.batch_size, c.eval.eot_samples = 0.1, 48, 2
+  c.eval_pgd.eps, c.eval_pgd.step_size = 0.1, 0.025
+  c.eval.attacks = ("fgsm", "pgd20", "pgd20_rs", "cw", "autoattack", "autoattack_rand",
+                    "adaptive", "eot")
+  for name, options in FAST_AA.items():
+    c.eval.autoattack_options[name] = options
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained_fsr(tmp_path_factory):
+  """A naturally trained tiny ResNet + FSR on digits (its training log and workdir)."""
+  workdir = str(tmp_path_factory.mktemp("fsr"))
+  config = _config("fsr")
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
+  """Every attack drives a naturally trained model far below its natural accuracy; no
+  robust accuracy exceeds natural; the ensemble is at most every attack; evaluating the
+  final checkpoint reproduces the natural accuracy training logged; eval.json/eval.md."""
+  config, workdir, logged = trained_fsr
+  report = evaluate.run(config, workdir, which="latest")
+  r = report["results"]
+  natural = r["natural"]["accuracy"]
+  assert natural == pytest.approx(logged["natural_accuracy"])
+  assert natural > 0.6
+  attacked = {k: v["accuracy"] for k, v in r.items() if k not in ("natural", "ensemble")}
+  assert set(attacked) == set(config.eval.attacks)
+  for name, accuracy in attacked.items():
+    assert accuracy <= natural, name
+    assert accuracy < 0.5 * natural, (name, accuracy, natural)
+    assert r["ensemble"]["accuracy"] <= accuracy
+  assert r["pgd20"]["num_points"] == 96 and r["pgd20"]["eps"] == 0.1
+  saved = json.load(open(os.path.join(workdir, "eval.json")))
+  assert saved["results"]["ensemble"]["accuracy"] == r["ensemble"]["accuracy"]
+  table = open(os.path.join(workdir, "eval.md")).read()
+  for title in ("Natural", "FGSM", "PGD-20", "C&W", "AA", "Ensemble"):
+    assert f"| {title}" in table or f" {title} |" in table
+
+
+def test_undefended_model_skips_adaptive_attacks(tmp_path):
+  config = _config("none")
+  config.train.epochs = 1
+  config.eval.attacks = ("pgd20", "adaptive", "eot")
+  train.train_and_evaluate(config, str(tmp_path))
+  report = evaluate.run(config, str(tmp_path), which="best")
+  assert report["results"]["adaptive"]["skipped"] == "not applicable to defense 'none'"
+  assert report["results"]["ensemble"]["attacks"] == ["pgd20"]
+  with pytest.raises(ValueError, match="unknown eval attack.*'pgd7'.*allowed: fgsm, pgd20"):
+    config.eval.attacks = ("pgd7",)
+    evaluate.run(config, str(tmp_path))
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
+    evaluate.run(_config("none"), str(tmp_path))
+
+
+def test_analysis(trained_fsr):
+  """Channel magnitudes at the FSR site for natural vs PGD inputs, their uniformity in
+  (0, 1], FSR's non-robust mask fractions, analysis.json (and plots with matplotlib)."""
+  config, workdir, _ = trained_fsr
+  report = analysis.run(config, workdir, which="latest")
+  assert report["num_examples"] == 96
+  site = report["sites"]["layer2.0"]
+  for kind in ("natural", "adversarial"):
+    magnitudes = np.asarray(site[kind]["channel_magnitude"])
+    assert magnitudes.shape == (16,) and (magnitudes >= 0).all()
+    assert 0 < site[kind]["uniformity"] <= 1
+  (fractions,) = report["fsr_masks"].values()
+  assert 0 <= fractions["natural_non_robust_fraction"] <= 1
+  assert json.load(open(os.path.join(workdir, "analysis.json")))["sites"].keys() == {"layer2.0"}
+  pytest.importorskip("matplotlib")
+  assert os.path.exists(os.path.join(workdir, "analysis_layer2.0.png"))
+
+
+def test_normalised_entropy():
+  assert analysis.normalised_entropy(np.ones(8)) == pytest.approx(1.0)
+  assert analysis.normalised_entropy(np.eye(8)[0]) == pytest.approx(0.0)
+  p = np.array([1.0, 3.0])
+  q = p / p.sum()
+  assert analysis.normalised_entropy(p) == pytest.approx(-(q * np.log(q)).sum() / np.log(2))
