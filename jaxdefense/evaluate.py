@@ -122,13 +122,12 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, which: st
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
                                  keep=1, best_metric="pgd_accuracy")
   try:
-    restored = ckpt.restore(target, which=which)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first with "
+                              f"--mode=train --workdir={workdir}")
+    state, step, _ = ckpt.restore(target, which=which)
   finally:
     ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first with "
-                            f"--mode=train --workdir={workdir}")
-  state, step, _ = restored
   return state.variables(use_ema=ema), step
 
 

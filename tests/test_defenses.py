@@ -269,8 +269,9 @@ def test_gumbel_sigmoid_saturated_scores_finite(tau):
   for k in (None, key):
     m = np.asarray(fsr.gumbel_sigmoid(r, tau, k))
     assert np.all(np.isfinite(m)) and np.all((m >= 0) & (m <= 1))
-    grad = jax.grad(lambda v: jnp.sum(fsr.gumbel_sigmoid(v, tau, k)))(r)
-    assert np.all(np.isfinite(np.asarray(grad)))
+    grad_fn = jax.grad(lambda v: jnp.sum(fsr.gumbel_sigmoid(v, tau, k)))
+    for grad in (grad_fn(r), jax.jit(grad_fn)(r)):  # XLA may rewrite the jitted form.
+      assert np.all(np.isfinite(np.asarray(grad)))
   # Deterministic limits: a very robust score gives m = 1, a very non-robust one m = 0.
   m = np.asarray(fsr.gumbel_sigmoid(r[:4], tau, None))
   np.testing.assert_allclose(m, [1, 0, 1, 0], atol=1e-6)
@@ -356,6 +357,8 @@ def test_aux_loss_none_and_missing_outputs():
     (dict(name="fsr", tau=0.0), r"defense.tau must be > 0, got 0.0"),
     (dict(name="fsr", tau=-0.1), r"defense.tau must be > 0, got -0.1"),
     (dict(name="fsr", hidden=0), r"defense.hidden must be >= 1, got 0"),
+    (dict(name="cas", beta=float("nan")), r"defense.beta must be >= 0, got nan"),
+    (dict(name="cas", sites=()), r"defense.sites must name at least one insertion point"),
 ])
 def test_defense_config_rejects_bad_values(kwargs, message):
   """DefenseConfig names the bad field, its value and what is allowed."""

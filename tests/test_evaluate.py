@@ -21,8 +21,7 @@ def _config(defense):
   c.optim.lr, c.optim.milestones = 0.05, (3,)
   c.eval.eps, c.eval.batch_size, c.eval.eot_samples = 0.1, 48, 2
   c.eval_pgd.eps, c.eval_pgd.step_size = 0.1, 0.025
-  c.eval.attacks = ("fgsm", "pgd20", "pgd20_rs", "cw", "autoattack", "autoattack_rand",
-                    "adaptive", "eot")
+  c.eval.attacks = ("fgsm", "pgd20", "cw", "autoattack", "adaptive", "eot")
   for name, options in FAST_AA.items():
     c.eval.autoattack_options[name] = options
   return c

@@ -42,8 +42,11 @@ class DefenseConfig:
       if isinstance(self.sites, str):
         object.__setattr__(self, "sites", (self.sites,))
       object.__setattr__(self, "sites", tuple(self.sites))
+      if not self.sites:
+        raise ValueError("defense.sites must name at least one insertion point, or be None "
+                         "for the authors' placement")
     for field in ("beta", "lam_sep", "lam_rec"):
-      if getattr(self, field) < 0:
+      if not getattr(self, field) >= 0:
         raise ValueError(f"defense.{field} must be >= 0, got {getattr(self, field)}")
     if not self.tau > 0:
       raise ValueError(f"defense.tau must be > 0, got {self.tau}")
@@ -78,7 +81,8 @@ class Hooks:
   """Applies the configured defense at the backbone's chosen insertion points.
 
   Created inside a backbone's (`host`'s) `@nn.compact __call__`; the defense modules it
-  builds become submodules of that backbone, named `cas_<site>` / `fsr_<site>`.
+  builds become submodules of the module running at the site (the backbone, or the block
+  for a site inside a block such as WRN's `.preact`), named `cas_<site>` / `fsr_<site>`.
   """
 
   def __init__(self, host: Any, defense: DefenseConfig, active: frozenset[str], *,
