@@ -46,7 +46,9 @@ def init(model, key: jax.Array, image_shape: tuple[int, int, int]) -> dict:
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   labels = jnp.zeros((1,), jnp.int32)
   params_key, gumbel_key = jax.random.split(key)
-  return dict(model.init({"params": params_key, "gumbel": gumbel_key}, x, labels, train=False))
+  variables = model.init({"params": params_key, "gumbel": gumbel_key}, x, labels, train=False)
+  # init also returns what was sown (features, intermediates): keep the model's state only.
+  return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
 def insertion_points(arch: str, **kwargs) -> tuple[str, ...]:
