@@ -125,6 +125,18 @@ def _cas_kl(nat_aux, adv_aux) -> list[jax.Array]:
   return [losses.kl_divergence(n, a) for n, a in zip(_cas_logits(nat_aux), _cas_logits(adv_aux))]
 
 
+def _combine(defense, nat, adv, labels, natural_term, robust, beta, metrics, stats):
+  """natural_term + beta * robust (+ FSR's auxiliary loss on x'), with the common metrics."""
+  fsr_loss = jnp.zeros(())
+  if defense.name == "fsr":
+    fsr_loss, parts = _aux_mean(defense, adv, labels)
+    metrics.update(parts)
+  loss = natural_term + beta * robust + fsr_loss
+  metrics.update(loss=loss, accuracy=_accuracy(nat.logits, labels),
+                 adv_accuracy=_accuracy(adv.logits, labels))
+  return loss, (metrics, stats)
+
+
 def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
   """Zhang et al.: CE(f(x), y) + beta KL(f(x) || f(x')), x' maximising that KL from
   x + 0.001 N(0, 1). With CAS (Bai et al.'s trades_reg): + CAS-beta * mean CAS CE on x in
@@ -156,14 +168,7 @@ def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
     cas_kl = jnp.mean(sum(_cas_kl(nat.aux, adv.aux)) / len(nat_cas))
     ce, robust = ce + defense.beta * cas_ce, robust + defense.beta * cas_kl
     metrics.update(cas_ce=cas_ce, cas_kl=cas_kl)
-  fsr_loss = jnp.zeros(())
-  if defense.name == "fsr":
-    fsr_loss, parts = _aux_mean(defense, adv, labels)
-    metrics.update(parts)
-  loss = ce + beta * robust + fsr_loss
-  metrics.update(loss=loss, accuracy=_accuracy(nat.logits, labels),
-                 adv_accuracy=_accuracy(adv.logits, labels))
-  return loss, (metrics, stats)
+  return _combine(defense, nat, adv, labels, ce, robust, beta, metrics, stats)
 
 
 def _boosted_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -203,11 +208,4 @@ def mart(params, batch_stats, batch, rng, *, model, defense, attack, beta):
                           for n, a in zip(nat_cas, adv_cas)) / len(adv_cas))
     bce, robust = bce + defense.beta * cas_bce, robust + defense.beta * cas_kl
     metrics.update(cas_bce=cas_bce, cas_kl=cas_kl)
-  fsr_loss = jnp.zeros(())
-  if defense.name == "fsr":
-    fsr_loss, parts = _aux_mean(defense, adv, labels)
-    metrics.update(parts)
-  loss = bce + beta * robust + fsr_loss
-  metrics.update(loss=loss, accuracy=_accuracy(nat.logits, labels),
-                 adv_accuracy=_accuracy(adv.logits, labels))
-  return loss, (metrics, stats)
+  return _combine(defense, nat, adv, labels, bce, robust, beta, metrics, stats)
