@@ -78,6 +78,7 @@ def get() -> ml_collections.ConfigDict:
   # fgsm, pgd20, pgd100, pgd20_rs, cw, autoattack, autoattack_rand, adaptive, eot; the
   # adaptive ones run where they apply (adaptive: CAS / FSR; eot, autoattack_rand: FSR).
   c.eval.attacks = ("fgsm", "pgd20", "pgd100", "cw", "autoattack", "adaptive", "eot")
+  c.eval.adaptive_steps = 100         # PGD steps on the defense's own training loss.
   c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.
   c.eval.autoattack_options = ml_collections.ConfigDict()  # e.g. {"square": {"queries": 1000}}
   return c
