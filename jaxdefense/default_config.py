@@ -80,7 +80,16 @@ def get() -> ml_collections.ConfigDict:
   c.eval.attacks = ("fgsm", "pgd20", "pgd100", "cw", "autoattack", "adaptive", "eot")
   c.eval.adaptive_steps = 100         # PGD steps on the defense's own training loss.
   c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.
-  c.eval.autoattack_options = ml_collections.ConfigDict()  # e.g. {"square": {"queries": 1000}}
+  # AutoAttack's budgets (apgd_ce = APGD-CE, ...), the standard version's by default, e.g.
+  # --config.eval.autoattack_options.square.queries=1000 (the rand version's EOT draws are
+  # eval.eot_samples).
+  c.eval.autoattack_options = ml_collections.ConfigDict({
+      "apgd_ce": {"steps": 100, "restarts": 1},
+      "apgd_dlr": {"steps": 100, "restarts": 1},
+      "apgd_t": {"steps": 100, "restarts": 1, "n_target": 9},
+      "fab_t": {"steps": 100, "restarts": 1, "n_target": 9},
+      "square": {"queries": 5000, "restarts": 1, "p_init": 0.8},
+  })
   return c
 
 

@@ -79,7 +79,7 @@ def _autoattack(version: str, options: dict):
 def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   """Every attack the evaluation knows, configured from `config.eval`."""
   e = config.eval
-  aa_options = {k: dict(v) for k, v in e.autoattack_options.items()}
+  aa_options = {k.replace("_", "-"): dict(v) for k, v in e.autoattack_options.items()}
   rand_options = {k: dict(aa_options.get(k, {})) for k in ("apgd-ce", "apgd-dlr")}
   for options in rand_options.values():
     options.setdefault("eot_samples", e.eot_samples)

@@ -9,9 +9,9 @@ import pytest
 from jaxdefense import analysis, evaluate, parallel, train
 from tests.test_train import tiny_config
 
-FAST_AA = {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 10, "n_target": 2},
-           "fab-t": {"steps": 10, "n_target": 2}, "square": {"queries": 100},
-           "apgd-dlr": {"steps": 10}}
+FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},
+           "fab_t": {"steps": 10, "n_target": 2}, "square": {"queries": 100},
+           "apgd_dlr": {"steps": 10}}
 
 
 def _config(defense):
@@ -23,7 +23,7 @@ def _config(defense):
   c.eval_pgd.eps, c.eval_pgd.step_size = 0.1, 0.025
   c.eval.attacks = ("fgsm", "pgd20", "cw", "autoattack", "adaptive", "eot")
   for name, options in FAST_AA.items():
-    c.eval.autoattack_options[name] = options
+    c.eval.autoattack_options[name].update(options)
   return c
 
 
