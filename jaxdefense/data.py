@@ -180,7 +180,7 @@ def from_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
   builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
   try:
     sources = {split: builder.as_data_source(split=split) for split in ("train", "test")}
-  except (NotImplementedError, ValueError) as e:
+  except (NotImplementedError, ValueError) as e:  # What tfds raises for an absent set.
     raise _not_prepared_error(name, builder) from e
   _check_count("num_train", num_train, len(sources["train"]))
   _check_count("num_test", num_test, len(sources["test"]))
