@@ -7,7 +7,7 @@ r"""jaxdefense: adversarial training and evaluation of CAS / FSR defenses.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdefense import parallel
+from jaxdefense import parallel, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*.py).",
@@ -30,6 +30,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it.
+  xla_flags.set_cpu_defaults()  # Before JAX's first computation, which reads XLA_FLAGS.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.mode == "train":
     from jaxdefense import train
