@@ -55,12 +55,14 @@ class Timing:
     return statistics.median(self.times)
 
   def as_dict(self, batch: int) -> dict[str, Any]:
+    """The JSON record, with throughput for `batch` images per call."""
     return {"compile_s": self.compile_s, "times_s": self.times, "min_s": min(self.times),
             "median_s": self.median, "images_per_s": batch / self.median, "flops": self.flops,
             "xla_memory_bytes": self.xla_bytes}
 
 
 def is_accelerator() -> bool:
+  """Whether JAX's default backend is a GPU or TPU (this starts the backend)."""
   return jax.default_backend() != "cpu"
 
 
@@ -84,6 +86,7 @@ def parse_batch_sizes(spec: str, models: list[str]) -> dict[str, list[int]]:
 
 
 def cpu_model_name() -> str:
+  """The CPU's model name from /proc/cpuinfo where there is one."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -95,6 +98,7 @@ def cpu_model_name() -> str:
 
 
 def device_description() -> dict[str, Any]:
+  """The platform, versions and XLA flags the numbers were taken with."""
   device = jax.devices()[0]
   return {"backend": jax.default_backend(), "device_kind": device.device_kind,
           "device_count": jax.device_count(), "cpu": cpu_model_name(), "cpu_count": os.cpu_count(),
@@ -238,11 +242,10 @@ def table(results: list[dict[str, Any]]) -> str:
         _fmt(evaluate.get("images_per_s"), ".1f"),
         _fmt(step["flops"] / 1e9 if step.get("flops") else None, ".0f"),
         _fmt(step["flop_per_s"] / 1e12 if step.get("flop_per_s") else None, ".3g"),
-        _fmt(100 * step["mfu"] if step.get("mfu") else None, ".1f") + ("%" if step.get("mfu") else ""),
+        f"{100 * step['mfu']:.1f}%" if step.get("mfu") else "-",
         (f"{100 * overhead:+.1f}%" if overhead is not None else "-"),
         _fmt(step.get("compile_s"), ".1f"),
-        _fmt(step["xla_memory_bytes"] / 2**30 if step.get("xla_memory_bytes") else None, ".2f")
-        + (" GiB" if step.get("xla_memory_bytes") else ""),
+        f"{step['xla_memory_bytes'] / 2**30:.2f} GiB" if step.get("xla_memory_bytes") else "-",
         f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})"))
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
