@@ -93,8 +93,10 @@ def fgsm(model_fn: ModelFn, x: jax.Array, labels: jax.Array, *, eps,
 
 
 def default_unroll(steps: int) -> int:
-  """Loop unrolling by measurement (benchmarks/RESULTS.md): XLA's CPU while-loop costs
-  about 2x on conv nets, so short attacks are unrolled whole; long ones partly."""
+  """Loop unrolling by measurement (benchmarks/RESULTS.md): XLA's CPU while-loop runs the
+  input-gradient convolution 3-5x slower, so attacks of up to 20 steps are unrolled whole.
+  Longer ones use 10 (on CPU no faster than 1 and slower to compile; kept for
+  accelerators, where it is unmeasured)."""
   return max(steps, 1) if steps <= 20 else 10
 
 
