@@ -14,13 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdefense import conv
 from jaxdefense.models import common
 
 INITS = common.TORCH_DEFAULT
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> conv.Conv:
+  return conv.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
                  use_bias=False, kernel_init=INITS.conv, dtype=dtype, name=name)
 
 

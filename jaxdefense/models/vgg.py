@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import defenses
+from jaxdefense import conv, defenses
 from jaxdefense.models import common
 
 INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=nn.initializers.normal(0.01),
@@ -49,7 +49,7 @@ class VGG(common.Backbone):
     x = x.astype(self.dtype)
     for s, widths in enumerate(self.stages):
       for c, features in enumerate(widths):
-        x = nn.Conv(features, (3, 3), padding=1, kernel_init=INITS.conv, dtype=self.dtype,
+        x = conv.Conv(features, (3, 3), padding=1, kernel_init=INITS.conv, dtype=self.dtype,
                     name=f"stage{s + 1}_conv{c}")(x)
         x = nn.relu(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))
         x = hooks(f"stage{s + 1}.{c}", x)

@@ -17,15 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import defenses
+from jaxdefense import conv, defenses
 from jaxdefense.models import common
 
 INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=common.TORCH_DEFAULT.dense_kernel,
                        dense_bias=common.zeros_bias_init)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> conv.Conv:
+  return conv.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
                  use_bias=False, kernel_init=INITS.conv, dtype=dtype, name=name)
 
 
