@@ -1,5 +1,7 @@
 """Data parallelism: a sharded train step equals the single-device step; two processes
-form one cluster and equal one process with as many devices; bad batch sizes fail."""
+form one cluster and equal one process with as many devices (a step, and main.py's whole
+run); bad batch sizes fail."""
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxdefense import parallel
+from tests.test_train import ROOT, TINY
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
@@ -69,6 +72,43 @@ def test_two_processes_equal_one_process(tmp_path):
   for p in procs:
     _wait(p, timeout=300)
   _assert_same(single, multi)
+
+
+def _main(workdir, devices, *flags):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "main.py", "--config=configs/quickstart.py:fsr",
+                           f"--workdir={workdir}", *TINY, *flags], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_main_two_processes_equal_one_process(tmp_path):
+  """main.py as two processes of 2 CPU devices each (one cluster over loopback; each reads
+  its half of every batch) trains, evaluates and checkpoints like one process with 4: the
+  same losses and accuracies, written once, by process 0; checkpoints saved together."""
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  _wait(_main(single, 4), timeout=300)
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [_main(multi, 2, f"--coordinator={address}", "--num_processes=2",
+                 f"--process_id={i}") for i in range(2)]
+  for p in procs:
+    _wait(p, timeout=300)
+
+  def logged(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+  one, two = logged(single), logged(multi)
+  assert [r["step"] for r in two] == [r["step"] for r in one]  # nothing written twice
+  assert [r["step"] for r in one if "train/loss" in r] == [2, 4, 6]
+  for a, b in zip(one, two):
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"elapsed_s"}:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  results = [json.loads((w / "results.json").read_text()) for w in (single, multi)]
+  for key in ("natural_accuracy", "robust_accuracy", "steps", "num_examples"):
+    assert results[1][key] == pytest.approx(results[0][key]), key
+  assert len(os.listdir(multi / "tensorboard")) == 1
+  assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
 
 
 def test_batch_must_be_positive():
