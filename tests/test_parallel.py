@@ -18,7 +18,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
 
 def _run(out, *args, timeout=240):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, WORKER, str(out), *map(str, args)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _main(workdir, devices, *flags):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONUNBUFFERED="1")
+             PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "main.py", "--config=configs/quickstart.py:fsr",
                            f"--workdir={workdir}", *TINY, *flags], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

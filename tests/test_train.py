@@ -121,7 +121,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
      "train.batch_size=33 must be a positive multiple of the device count 2"),
 ])
 def test_bad_config_fails_at_startup(tmp_path, flag, message):
-  run = _main(tmp_path, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+  run = _main(tmp_path, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                   "JAX_PLATFORMS": "cpu"},
               timeout=120)
   assert run.returncode != 0
   assert message in run.stderr, run.stderr[-2000:]
