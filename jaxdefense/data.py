@@ -178,9 +178,11 @@ def from_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
   if name not in TFDS_NAMES:
     raise ValueError(f"unknown TFDS data set {name!r}; allowed: {', '.join(TFDS_NAMES)}")
   builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
+  # For a set never prepared here tfds raises NotImplementedError (no array_record files
+  # to serve) or ValueError (no prepared version in data_dir): both mean the same to us.
   try:
     sources = {split: builder.as_data_source(split=split) for split in ("train", "test")}
-  except (NotImplementedError, ValueError) as e:  # What tfds raises for an absent set.
+  except (NotImplementedError, ValueError) as e:
     raise _not_prepared_error(name, builder) from e
   _check_count("num_train", num_train, len(sources["train"]))
   _check_count("num_test", num_test, len(sources["test"]))

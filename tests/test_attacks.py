@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
 
 from jaxdefense import attacks, defenses
 from jaxdefense.attacks import losses
 from jaxdefense.defenses import cas, fsr
 from jaxdefense.models import ModelOutput, common
+from tests import attack_models
+from tests.reference import np_ce, np_log_softmax
 
 
 class TinyNet(nn.Module):
@@ -152,11 +153,7 @@ class DigitsNet(nn.Module):
 @pytest.fixture(scope="module")
 def digits_model():
   """DigitsNet trained for 300 Adam steps on sklearn's 8x8 digits in [0, 1]; held-out split."""
-  data = load_digits()
-  x = (data.images / 16.0).astype(np.float32)[..., None]
-  y = data.target.astype(np.int32)
-  perm = np.random.default_rng(0).permutation(len(y))
-  x, y = x[perm], y[perm]
+  x_train, y_train, x_test, y_test = attack_models.digits()
   model = DigitsNet()
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
   opt = optax.adam(3e-3)
@@ -172,9 +169,9 @@ def digits_model():
   opt_state = opt.init(params)
   rng = np.random.default_rng(1)
   for _ in range(300):
-    idx = rng.integers(0, 1500, 128)
-    params, opt_state = step(params, opt_state, x[idx], y[idx])
-  return model, {"params": params}, jnp.asarray(x[1500:]), jnp.asarray(y[1500:])
+    idx = rng.integers(0, len(y_train), 128)
+    params, opt_state = step(params, opt_state, x_train[idx], y_train[idx])
+  return model, {"params": params}, jnp.asarray(x_test), jnp.asarray(y_test)
 
 
 def test_pgd_beats_fgsm_on_trained_model(digits_model):
@@ -328,16 +325,6 @@ def test_input_gradient_through_fsr_eval_matches_finite_differences(monkeypatch)
 
 
 # ---------------------------------------------------------------- losses
-
-def np_log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_ce(logits, labels):
-  return -np_log_softmax(logits)[np.arange(len(labels)), labels]
-
 
 @pytest.mark.parametrize("kappa", [0.0, 0.5, 50.0])
 def test_cw_loss_by_hand(kappa):

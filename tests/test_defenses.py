@@ -11,21 +11,12 @@ import pytest
 from jaxdefense import defenses
 from jaxdefense.defenses import cas, fsr
 from jaxdefense.models import common
+from tests.reference import np_ce
 
 E = 1e-8
 
 
 # ---------------------------------------------------------------- NumPy references
-
-def np_log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_ce(logits, labels):
-  return -np_log_softmax(logits)[np.arange(len(labels)), labels]
-
 
 def np_conv3x3(x, k):
   """3x3 cross-correlation, stride 1, zero padding 1, no bias; x NHWC, k HWIO."""

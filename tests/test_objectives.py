@@ -6,28 +6,19 @@ import numpy as np
 import pytest
 
 from jaxdefense import defenses, models, objectives
-
-
-def _np_log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _np_ce(z, y):
-  return -_np_log_softmax(z)[np.arange(len(y)), y]
+from tests.reference import np_ce, np_log_softmax
 
 
 def _np_kl(p_logits, q_logits):
-  lp, lq = _np_log_softmax(p_logits), _np_log_softmax(q_logits)
+  lp, lq = np_log_softmax(p_logits), np_log_softmax(q_logits)
   return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _np_bce(z, y):
-  p = np.exp(_np_log_softmax(z))
+  p = np.exp(np_log_softmax(z))
   order = np.argsort(-p, axis=-1)
   wrong = np.where(order[:, 0] == y, order[:, 1], order[:, 0])
-  return _np_ce(z, y) - np.log(1.0001 - p[np.arange(len(y)), wrong] + 1e-12)
+  return np_ce(z, y) - np.log(1.0001 - p[np.arange(len(y)), wrong] + 1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +58,15 @@ def test_pgd_at_and_natural(defense_name, setup, monkeypatch):
   for name, inputs, key in (("pgd_at", x_adv, jax.random.split(rng)[1]), ("natural", x, rng)):
     loss, _ = _run(name, model, defense, v, x, x_adv, labels, monkeypatch, rng)
     z, aux = _train_logits(model, v, inputs, labels, key)
-    expected = _np_ce(z, y)
+    expected = np_ce(z, y)
     if defense_name == "cas":
-      expected = expected + 1.5 * np.mean([_np_ce(a, y) for a in aux.values()], axis=0)
+      expected = expected + 1.5 * np.mean([np_ce(a, y) for a in aux.values()], axis=0)
     if defense_name == "fsr":
       top = np.argsort(-z, axis=-1)
       y_wrong = np.where(top[:, 0] == y, top[:, 1], top[:, 0])
-      expected = expected + (_np_ce(aux["fsr/final/robust"], y)
-                             + _np_ce(aux["fsr/final/non_robust"], y_wrong)
-                             + _np_ce(aux["fsr/final/recalibrated"], y))
+      expected = expected + (np_ce(aux["fsr/final/robust"], y)
+                             + np_ce(aux["fsr/final/non_robust"], y_wrong)
+                             + np_ce(aux["fsr/final/recalibrated"], y))
     np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5, err_msg=name)
 
 
@@ -88,10 +79,10 @@ def test_trades(defense_name, setup, monkeypatch):
                        jax.random.key(3))
   z_nat, aux_nat = _train_logits(model, v, x, labels, jax.random.key(0))
   z_adv, aux_adv = _train_logits(model, v, x_adv, labels, jax.random.key(0))
-  natural = _np_ce(z_nat, y).mean()
+  natural = np_ce(z_nat, y).mean()
   robust = _np_kl(z_nat, z_adv).mean()
   if defense_name == "cas":
-    natural += 1.5 * np.mean([_np_ce(aux_nat[k], y).mean() for k in aux_nat])
+    natural += 1.5 * np.mean([np_ce(aux_nat[k], y).mean() for k in aux_nat])
     robust += 1.5 * np.mean([_np_kl(aux_nat[k], aux_adv[k]).mean() for k in aux_nat])
   assert robust > 0
   np.testing.assert_allclose(loss, natural + 6.0 * robust, rtol=2e-5)
@@ -105,7 +96,7 @@ def test_mart(defense_name, setup, monkeypatch):
   loss, _ = _run("mart", model, defense, v, x, x_adv, labels, monkeypatch, jax.random.key(3))
   z_nat, aux_nat = _train_logits(model, v, x, labels, jax.random.key(0))
   z_adv, aux_adv = _train_logits(model, v, x_adv, labels, jax.random.key(0))
-  weight = 1.0000001 - np.exp(_np_log_softmax(z_nat))[np.arange(len(y)), y]
+  weight = 1.0000001 - np.exp(np_log_softmax(z_nat))[np.arange(len(y)), y]
   bce = _np_bce(z_adv, y).mean()
   robust = (_np_kl(z_nat, z_adv) * weight).mean()
   if defense_name == "cas":
