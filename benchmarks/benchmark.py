@@ -7,9 +7,10 @@ r"""Throughput, FLOPs, MFU, compile time and memory of PGD-10, the AT step and e
 For every model, defense (none, CAS, FSR) and batch size it reports images per second of
 (a) the PGD attack alone (the model as deployed), (b) the full adversarial-training step
 (`train.train_step` with the `pgd_at` objective: augmentation, attack, update; donated
-state) and (c) the evaluation forward pass; the step's FLOPs from XLA's cost analysis, the
-achieved FLOP/s as a fraction of a matmul peak measured in the same run, compile times and
-memory. Defaults are small on CPU and at training sizes on accelerators. It uses one
+state) and (c) the evaluation forward pass; the step's FLOPs from XLA's cost analysis of
+the function lowered for the CPU backend on every platform (on GPUs the compiled function's
+analysis skips cuDNN convolutions, nearly all of the work), the achieved FLOP/s as a
+fraction of a matmul peak measured in the same run, compile times and memory. Defaults are small on CPU and at training sizes on accelerators. It uses one
 device (the default one) and, like main.py, `jaxdefense.xla_flags.CPU_FLAGS`
 (`--no-xla_cpu_defaults` measures without them). benchmarks/RESULTS.md has the numbers.
 """
@@ -45,10 +46,12 @@ DEFAULT_BATCH_SIZES = {
 
 @dataclasses.dataclass
 class Timing:
-  """Seconds per call of one compiled function, and what XLA says about it."""
+  """Seconds per call of one compiled function, and what XLA says about it (`flops_source`:
+  "cpu lowering", or "compiled <backend>" where there is no CPU backend to lower for)."""
   compile_s: float
   times: list[float]
   flops: float | None
+  flops_source: str
   xla_bytes: int | None
 
   @property
@@ -59,7 +62,7 @@ class Timing:
     """The JSON record, with throughput for `batch` images per call."""
     return {"compile_s": self.compile_s, "times_s": self.times, "min_s": min(self.times),
             "median_s": self.median, "images_per_s": batch / self.median, "flops": self.flops,
-            "xla_memory_bytes": self.xla_bytes}
+            "flops_source": self.flops_source, "xla_memory_bytes": self.xla_bytes}
 
 
 def is_accelerator() -> bool:
@@ -116,16 +119,29 @@ def peak_memory() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "rss"
 
 
-def _cost(compiled) -> tuple[float | None, int | None]:
-  cost = compiled.cost_analysis()
+def _flops(cost) -> float | None:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost["flops"]) if cost and "flops" in cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def cpu_flops(fn: Callable, args: tuple) -> float | None:
+  """FLOPs of `fn(*args)` by XLA's cost analysis of `fn` lowered (not compiled) for the CPU
+  backend, which counts convolutions on any platform; None where JAX has no CPU backend
+  (JAX_PLATFORMS names only accelerators)."""
+  try:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  except RuntimeError:
+    return None
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+  return _flops(jax.jit(fn).lower(*abstract).cost_analysis())
+
+
+def _memory(compiled) -> int | None:
   memory = compiled.memory_analysis()
-  xla_bytes = None
-  if memory is not None:
-    xla_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  return flops, xla_bytes
+  if memory is None:
+    return None
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
 def compile_and_time(fn: Callable, args: tuple, repeats: int, *, donate: tuple[int, ...] = (),
@@ -136,7 +152,10 @@ def compile_and_time(fn: Callable, args: tuple, repeats: int, *, donate: tuple[i
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_s = time.perf_counter() - start
-  flops, xla_bytes = _cost(compiled)
+  flops, source = cpu_flops(fn, args), "cpu lowering"
+  if flops is None:
+    flops, source = _flops(compiled.cost_analysis()), f"compiled {jax.default_backend()}"
+  xla_bytes = _memory(compiled)
   times = []
   for i in range(repeats + 1):
     start = time.perf_counter()
@@ -145,7 +164,7 @@ def compile_and_time(fn: Callable, args: tuple, repeats: int, *, donate: tuple[i
       times.append(time.perf_counter() - start)
     if carry is not None:
       args = carry(out, args)
-  return Timing(compile_s, times, flops, xla_bytes)
+  return Timing(compile_s, times, flops, source, xla_bytes)
 
 
 def matmul_peak(dtype: Any, size: int, repeats: int) -> float:
@@ -337,6 +356,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         timings = ", ".join(f"{k} {result[k]['median_s']:.3f} s" for k in args.measure)
         print(f"{arch} {defense} {args.dtype} batch {batch_size}: {timings}", flush=True)
   print(table(results), flush=True)
+  sources = sorted({t["flops_source"] for r in results for k, t in r.items()
+                    if k in ("attack", "step", "eval")})
+  print(f"FLOPs: XLA cost analysis of each function, {' / '.join(sources)}", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": info, "matmul_peak_flop_per_s": peak, "peak_dtype": args.peak_dtype,

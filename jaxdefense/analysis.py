@@ -10,16 +10,17 @@ when matplotlib is installed (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from jaxdefense import attacks, data, defenses, evaluate, parallel, train
+from jaxdefense import attacks, data, defenses, evaluate, parallel, paths, train
 
 
 def analysed_sites(model) -> tuple[str, ...]:
@@ -102,7 +103,7 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
   return report
 
 
-def plot(report: dict[str, Any], workdir: str) -> list[str]:
+def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
   """Per site, channels sorted by natural magnitude, natural vs adversarial bars (PNG)."""
   try:
     import matplotlib
@@ -111,7 +112,7 @@ def plot(report: dict[str, Any], workdir: str) -> list[str]:
   except ImportError:
     print("matplotlib is not installed: no plots (pip install -e '.[plot]')", flush=True)
     return []
-  paths = []
+  written = []
   for site, entry in report["sites"].items():
     nat = np.asarray(entry["natural"]["channel_magnitude"])
     adv = np.asarray(entry["adversarial"]["channel_magnitude"])
@@ -125,14 +126,17 @@ def plot(report: dict[str, Any], workdir: str) -> list[str]:
                  f"adversarial {entry['adversarial']['uniformity']:.3f}")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, f"analysis_{site}.png")
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    paths.append(path)
-  return paths
+    path = workdir / f"analysis_{site}.png"
+    paths.write_bytes(path, png.getvalue())
+    written.append(path)
+  return written
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
+  workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   train.validate(config, mesh)
   dataset = train.load_data(config)
@@ -144,8 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") ->
                    mesh)
   report.update(checkpoint=which, step=step, defense=config.defense.name)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "analysis.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    paths.write_text(workdir / "analysis.json", json.dumps(report, indent=2))
     for site, entry in report["sites"].items():
       print(f"{site}: mean |activation| natural {entry['natural']['mean_magnitude']:.4f} "
             f"adversarial {entry['adversarial']['mean_magnitude']:.4f}; uniformity natural "

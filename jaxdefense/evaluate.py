@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -20,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 
-from jaxdefense import attacks, checkpoint, data, parallel, train
+from jaxdefense import attacks, checkpoint, data, parallel, paths, train
 from jaxdefense.attacks.autoattack import autoattack
 from jaxdefense.attacks import losses
 
@@ -111,7 +111,7 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   }
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str, which: str, model,
+def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, model,
                       image_shape, mesh) -> tuple[dict, int]:
   """The checkpoint's variables (its EMA when the run kept one), replicated on the mesh."""
   tx, _ = train.make_optimizer(config, 1)
@@ -121,12 +121,16 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, which: st
   sharding = parallel.replicated(mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         abstract)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
-                                 keep=1, best_metric="pgd_accuracy")
+  directory = workdir / "checkpoints"
+  missing = FileNotFoundError(f"no checkpoint in {directory}: train first with "
+                              f"--mode=train --workdir={workdir}")
+  if not directory.exists():  # Checked first: the Checkpointer would create it.
+    raise missing
+  ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                                 best_metric="pgd_accuracy")
   try:
     if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first with "
-                              f"--mode=train --workdir={workdir}")
+      raise missing
     state, step, _ = ckpt.restore(target, which=which)
   finally:
     ckpt.close()
@@ -200,8 +204,9 @@ def markdown_table(results: dict[str, Any], caption: str) -> str:
   return "\n".join([caption, "", head, rule, row, *([""] + notes if notes else []), ""])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
   """Restores the run in `workdir` and writes eval.json and eval.md there."""
+  workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   train.validate(config, mesh)
   dataset = train.load_data(config)
@@ -217,13 +222,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, which: str = "best") ->
             "defense": config.defense.name, "arch": config.model.arch,
             "data": dataset.name, "eps": config.eval.eps, "results": results}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    paths.write_text(workdir / "eval.json", json.dumps(report, indent=2))
     caption = (f"{config.get('name', '')}: {config.model.arch} + {config.defense.name}, "
                f"{dataset.name}, {len(labels)} test points, eps {255 * config.eval.eps:g}/255 "
                f"L-inf, {which} checkpoint (step {step}); accuracy (%)")
     table = markdown_table(results, caption)
-    with open(os.path.join(workdir, "eval.md"), "w") as f:
-      f.write(table)
+    paths.write_text(workdir / "eval.md", table)
     print(table, flush=True)
   return report

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -18,8 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 
-from jaxdefense import attacks, checkpoint, data, defenses, models, objectives, parallel
+from jaxdefense import attacks, checkpoint, data, defenses, models, objectives, parallel, paths
 from jaxdefense.metric_writer import MetricWriter
 
 
@@ -178,11 +178,13 @@ def _eval_subset(dataset: data.Dataset, num: int | None):
   return dataset.test_images, dataset.test_labels
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results."""
+  workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   validate(config, mesh)
   is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir)  # Before the data: an unwritable workdir fails at once.
   dataset = load_data(config)
   model = build_model(config, dataset.num_classes)
   batch_size = config.train.batch_size
@@ -205,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_train_state(model, tx, jax.random.key(config.seed), dataset.image_shape,
                              ema=ema_decay > 0)
   state = parallel.replicate(mesh, state)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints",
                                  save_every_steps=config.train.checkpoint_every_steps,
                                  keep=config.train.keep_checkpoints, best_metric="pgd_accuracy")
   restored = ckpt.restore(state)
@@ -221,7 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       augment=augment, ema_decay=ema_decay), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, pgd=config.eval_pgd))
   eval_images, eval_labels = _eval_subset(dataset, config.train.get("eval_examples"))
-  writer = MetricWriter(workdir)
   use_ema = ema_decay > 0
 
   def run_eval(step: int, epoch: int) -> dict:
@@ -298,7 +299,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "robust_attack": f"PGD-{config.eval_pgd.steps}",
              "num_examples": last_eval["num_examples"], "ema": use_ema}
   if is_main:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    paths.write_text(workdir / "results.json", json.dumps(results, indent=2))
   writer.close()
   return results

@@ -56,3 +56,23 @@ def test_table_reports_overhead_over_the_undefended_step():
   assert "+0.0%" in none_row and "50.0%" in none_row
   assert "+10.0%" in fsr_row and "25.0%" in fsr_row  # 2.2 s / 2.0 s - 1; MFU as given
   assert "16.0" in none_row  # step images/s: 32 / 2.0
+
+
+def test_flops_count_convolutions_and_matmuls():
+  """cpu_flops equals the closed form 2 N H' W' k^2 C_in C_out + 2 N D K for a stride-1
+  VALID convolution (output H' = H - k + 1) followed by a dense layer, on whatever backend
+  runs the test (XLA's GPU analysis of the compiled function misses the convolution)."""
+  import jax
+  import jax.numpy as jnp
+
+  def fn(x, w, v):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(y.shape[0], -1) @ v
+
+  n, h, c_in, c_out, k, classes = 4, 8, 3, 16, 3, 10
+  out = h - k + 1
+  args = (jnp.ones((n, h, h, c_in)), jnp.ones((k, k, c_in, c_out)),
+          jnp.ones((out * out * c_out, classes)))
+  expected = 2 * n * out * out * k * k * c_in * c_out + 2 * n * out * out * c_out * classes
+  assert benchmark.cpu_flops(fn, args) == pytest.approx(expected, rel=0.01)

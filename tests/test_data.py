@@ -53,7 +53,6 @@ def _png(image: np.ndarray) -> bytes:
 def test_tfds_prepared_array_record(tmp_path, monkeypatch):
   """A real (non-mock) array_record `cifar10`, written without TensorFlow, reads back exactly
   through the batched path, across several read chunks."""
-  pytest.importorskip("PIL")
   from tensorflow_datasets.image_classification import cifar
 
   rng = np.random.default_rng(0)

@@ -92,7 +92,6 @@ def test_analysis(trained_fsr):
   (fractions,) = report["fsr_masks"].values()
   assert 0 <= fractions["natural_non_robust_fraction"] <= 1
   assert json.load(open(os.path.join(workdir, "analysis.json")))["sites"].keys() == {"layer2.0"}
-  pytest.importorskip("matplotlib")
   assert os.path.exists(os.path.join(workdir, "analysis_layer2.0.png"))
 
 

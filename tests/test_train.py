@@ -10,8 +10,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
+from tensorboardX import record_writer
 
-from jaxdefense import checkpoint, data, models, train
+from jaxdefense import analysis, checkpoint, data, evaluate, models, train
 from jaxdefense.default_config import get as default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +27,9 @@ TINY = [  # A tiny quick-start run: seconds on a 2-core CPU.
     "--config.train.eval_every_epochs=1"]
 
 
-def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300):
-  return subprocess.run([sys.executable, "main.py", f"--config={config}",
-                         f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True,
+def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+                         f"--workdir={workdir}", *flags], cwd=cwd, capture_output=True,
                         text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
@@ -47,24 +50,32 @@ def tiny_config(defense="none", objective="pgd_at"):
   return c
 
 
-def test_main_end_to_end(tmp_path):
-  """main.py trains the quick-start config shrunk to seconds and writes results.json,
-  metrics.jsonl, TensorBoard events and checkpoints."""
-  run = _main(tmp_path, *TINY, "--config.defense.name=fsr")
+def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
+  """main.py, started in another working directory with a relative --workdir, trains one
+  epoch of the quick-start config shrunk to seconds; the same command with 2 epochs resumes
+  from its checkpoint and writes results.json, metrics.jsonl, TensorBoard events and
+  checkpoints under that relative path."""
+  config = os.path.join(ROOT, "configs", "quickstart.py")
+  first = _main("runs/tiny", *TINY, "--config.defense.name=fsr", "--config.train.epochs=1",
+                config=config, cwd=tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "devices: 1 x " in first.stdout
+  assert "96 train / 48 test" in first.stdout and "1 epochs x 3 steps = 3 steps" in first.stdout
+  assert "defense:" in first.stdout  # The resolved config is printed.
+  run = _main("runs/tiny", *TINY, "--config.defense.name=fsr", config=config, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "devices: 1 x cpu" in run.stdout
-  assert "96 train / 48 test" in run.stdout and "2 epochs x 3 steps = 6 steps" in run.stdout
-  assert "defense:" in run.stdout  # The resolved config is printed.
-  results = json.loads((tmp_path / "results.json").read_text())
+  workdir = tmp_path / "runs" / "tiny"
+  assert f"resumed from step 3 in {workdir}" in run.stdout
+  results = json.loads((workdir / "results.json").read_text())
   assert results["config"] == "quickstart" and results["epochs"] == 2 and results["steps"] == 6
   assert 0 <= results["robust_accuracy"] <= results["natural_accuracy"] <= 1
   assert results["num_examples"] == 48
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 3, 4, 6]
   assert any("fsr_recalibrated_ce" in k for l in lines for k in l)
-  assert os.listdir(tmp_path / "tensorboard")
+  assert os.listdir(workdir / "tensorboard")
   # Saved every 2 steps and at each epoch's evaluation (3, 6); the last 3 are kept.
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4", "6"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4", "6"]
 
 
 def _final_state(workdir, config):
@@ -169,3 +180,48 @@ def test_optimizer_is_torch_sgd():
     buf = 0.9 * buf + (np.array(g) + 0.01 * expected)
     expected = expected - 0.1 * buf
   np.testing.assert_allclose(p["w"], expected, rtol=1e-6)
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for gs:// (the real one needs google-cloud-storage and a
+  bucket), writing through epath, i.e. into etils' gs:// mock."""
+
+  def open(self, path):
+    return epath.Path(path).open("wb")
+
+  def directory_check(self, path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def test_train_eval_and_analyze_on_a_gs_workdir(tmp_path, monkeypatch):
+  """With --workdir=gs://bucket/run every output lands in the bucket (etils' mock maps it
+  to `gs:/bucket/run` in the working directory) and orbax gets the gs:// path itself (its
+  TensorStore writes are not mocked: the test's Checkpointer keeps them local)."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", _EpathEventFiles())
+  handed_to_orbax = []
+
+  class LocalCheckpointer(checkpoint.Checkpointer):
+    def __init__(self, directory, **kwargs):
+      handed_to_orbax.append(str(directory))
+      epath.Path(directory).mkdir(parents=True, exist_ok=True)
+      super().__init__(tmp_path / "orbax", **kwargs)
+
+  monkeypatch.setattr(checkpoint, "Checkpointer", LocalCheckpointer)
+  config = tiny_config()
+  config.train.epochs = 1
+  config.eval.attacks, config.eval.batch_size, config.eval.num_examples = ("pgd20",), 24, 24
+  with epath_testing.mock_epath():
+    train.train_and_evaluate(config, "gs://bucket/run")
+    evaluate.run(config, "gs://bucket/run", which="latest")
+    analysis.run(config, "gs://bucket/run", which="latest")
+  assert handed_to_orbax == ["gs://bucket/run/checkpoints"] * 3
+  bucket = tmp_path / "gs:" / "bucket" / "run"
+  written = set(os.listdir(bucket))
+  assert {"results.json", "metrics.jsonl", "eval.json", "eval.md", "analysis.json",
+          "analysis_layer2.0.png", "tensorboard", "checkpoints"} <= written, written
+  assert json.loads((bucket / "results.json").read_text())["steps"] == 3
+  assert json.loads((bucket / "eval.json").read_text())["results"]["pgd20"]["num_points"] == 24
+  assert os.listdir(bucket / "tensorboard")
+  assert not [f for f in written if ".tmp-" in f]
+  assert not (tmp_path / "gs:").samefile(tmp_path / "orbax") and os.listdir(tmp_path / "orbax")
