@@ -1,5 +1,6 @@
 """The training program: an end-to-end main.py run, resume == uninterrupted, start-up
 errors for bad configs."""
+import importlib.util
 import json
 import os
 import signal
@@ -18,13 +19,17 @@ from jaxdefense import analysis, checkpoint, data, evaluate, models, train
 from jaxdefense.default_config import get as default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [  # A tiny quick-start run: seconds on a 2-core CPU.
-    "--config.data.num_train=96", "--config.data.num_test=48", "--config.data.image_size=8",
-    "--config.model.kwargs.stage_sizes=(1,1)", "--config.model.kwargs.width=8",
-    "--config.objective.attack.steps=2", "--config.eval_pgd.steps=2", "--config.train.epochs=2",
-    "--config.train.batch_size=32", "--config.train.eval_batch_size=24",
-    "--config.train.log_every_steps=2", "--config.train.checkpoint_every_steps=2",
-    "--config.train.eval_every_epochs=1"]
+# The quick-start config shrunk to seconds on a 2-core CPU, for main.py (TINY, as flags) and
+# in-process runs (tiny_config): the same programs, so they share compiled code (conftest).
+TINY_OVERRIDES = {
+    "data.num_train": 96, "data.num_test": 48, "data.image_size": 8,
+    "model.kwargs.stage_sizes": (1, 1), "model.kwargs.width": 8,
+    "objective.attack.steps": 2, "eval_pgd.steps": 2, "optim.milestones": (1,),
+    "train.epochs": 2, "train.batch_size": 32, "train.eval_batch_size": 24,
+    "train.ema_decay": 0.5, "train.log_every_steps": 2, "train.checkpoint_every_steps": 2,
+    "train.eval_every_epochs": 1}
+TINY = [f"--config.{k}=" + (f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v))
+        for k, v in TINY_OVERRIDES.items()]
 
 
 def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300, cwd=ROOT):
@@ -34,19 +39,18 @@ def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300
 
 
 def tiny_config(defense="none", objective="pgd_at"):
-  c = default_config()
-  c.name = "tiny"
-  c.data.name, c.data.num_train, c.data.num_test, c.data.image_size = "digits", 96, 48, 8
-  c.model.arch = "resnet"
-  c.model.kwargs.stage_sizes, c.model.kwargs.width = (1, 1), 8
-  c.defense.name, c.objective.name = defense, objective
-  c.objective.attack.steps = c.eval_pgd.steps = 2
-  c.optim.milestones = (1,)
-  c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 2, 32, 24
-  c.train.log_every_steps = c.train.checkpoint_every_steps = 2
-  c.train.eval_every_epochs = 1
-  c.train.eval_examples = 0
-  c.train.ema_decay = 0.5
+  spec = importlib.util.spec_from_file_location(
+      "quickstart_config", os.path.join(ROOT, "configs", "quickstart.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(defense)
+  c.objective.name = objective
+  for key, value in TINY_OVERRIDES.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
   return c
 
 
