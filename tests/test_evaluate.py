@@ -18,6 +18,7 @@ def _config(defense):
   c = tiny_config(defense, "natural")
   c.data.num_train, c.data.num_test = None, 96
   c.train.epochs, c.train.eval_every_epochs, c.train.ema_decay = 4, 4, 0.0
+  c.train.log_every_steps, c.train.checkpoint_every_steps = 44, 1000  # Saved at the end.
   c.optim.lr, c.optim.milestones = 0.05, (3,)
   c.eval.eps, c.eval.batch_size, c.eval.eot_samples, c.eval.adaptive_steps = 0.1, 48, 2, 20
   c.eval_pgd.eps, c.eval_pgd.step_size = 0.1, 0.025

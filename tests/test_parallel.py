@@ -1,6 +1,6 @@
 """Data parallelism: a sharded train step equals the single-device step; two processes
-form one cluster and equal one process with as many devices (a step, and main.py's whole
-run); bad batch sizes fail."""
+form one cluster and equal one process with as many devices (main.py's whole run); bad
+batch sizes fail."""
 import json
 import os
 import socket
@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxdefense import parallel
@@ -17,7 +18,7 @@ from tests.test_train import ROOT, TINY
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
 
-def _run(out, *args, timeout=240):
+def _run(out, *args):
   env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, WORKER, str(out), *map(str, args)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,15 +44,18 @@ def _assert_same(a_path, b_path, rtol=1e-4, atol=1e-5):
 # TRADES starts its attack at x + 0.001 N(0, 1), where the KL gradient is tiny and its sign
 # is float noise: FSR + TRADES can differ by one sign step under reordering, so FSR is
 # compared under PGD-AT.
-@pytest.mark.parametrize("defense,objective", [("fsr", "pgd_at"), ("cas", "trades")])
-def test_eight_devices_equal_one(tmp_path, defense, objective):
+CASES = ("fsr", "pgd_at"), ("cas", "trades")
+
+
+def test_eight_devices_equal_one(tmp_path):
   """One train step (attack + update) over 8 simulated devices gives the parameters, BN
-  statistics, EMA and metrics of the 1-device step on the same global batch and rngs."""
-  one, eight = tmp_path / "one.npz", tmp_path / "eight.npz"
-  common = ("--devices", 8, "--defense", defense, "--objective", objective)
-  _wait(_run(one, *common, "--mesh-devices", 1))
-  _wait(_run(eight, *common))
-  _assert_same(one, eight)
+  statistics, EMA and metrics of the 1-device step on the same global batch and rngs, for
+  FSR under PGD-AT and CAS under TRADES (one process runs every case and mesh)."""
+  _wait(_run(tmp_path / "run", "--devices", 8, "--mesh-devices", "1,8", "--cases",
+             ",".join(f"{d}:{o}" for d, o in CASES)))
+  for defense, objective in CASES:
+    _assert_same(tmp_path / f"run-{defense}-{objective}-1.npz",
+                 tmp_path / f"run-{defense}-{objective}-8.npz")
 
 
 def _free_port():
@@ -60,36 +64,36 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  """Two processes with 2 CPU devices each (loopback cluster via jax.distributed) run 2
-  steps equal to one process with 4 devices."""
-  single, multi = tmp_path / "single.npz", tmp_path / "multi.npz"
-  _wait(_run(single, "--devices", 4, "--steps", 2))
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [_run(multi if i == 0 else tmp_path / "unused.npz", "--devices", 2, "--steps", 2,
-                "--coordinator", address, "--num-processes", 2, "--process-id", i)
-           for i in range(2)]
-  for p in procs:
-    _wait(p, timeout=300)
-  _assert_same(single, multi)
-
-
-def _main(workdir, devices, *flags):
+def _main(cwd, workdir, devices, *flags):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "main.py", "--config=configs/quickstart.py:fsr",
-                           f"--workdir={workdir}", *TINY, *flags], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+                           f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}:fsr",
+                           f"--workdir={workdir}", *TINY, *flags], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _saved_state(checkpoints, step):
+  """The train state saved at `step`, as NumPy arrays by key path."""
+  path = checkpoints / str(step) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        checkpointer.metadata(path).item_metadata.tree)
+  state = checkpointer.restore(path, target)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def test_main_two_processes_equal_one_process(tmp_path):
   """main.py as two processes of 2 CPU devices each (one cluster over loopback; each reads
-  its half of every batch) trains, evaluates and checkpoints like one process with 4: the
-  same losses and accuracies, written once, by process 0; checkpoints saved together."""
+  its half of every batch; a relative workdir) trains, evaluates and checkpoints like one
+  process with 4: the same losses and accuracies, written once, by process 0; checkpoints
+  saved together, holding the same parameters, BN statistics, optimizer state and EMA."""
   single, multi = tmp_path / "single", tmp_path / "multi"
-  _wait(_main(single, 4), timeout=300)
+  _wait(_main(tmp_path, "single", 4), timeout=300)
   address = f"127.0.0.1:{_free_port()}"
-  procs = [_main(multi, 2, f"--coordinator={address}", "--num_processes=2",
+  procs = [_main(tmp_path, "multi", 2, f"--coordinator={address}", "--num_processes=2",
                  f"--process_id={i}") for i in range(2)]
   for p in procs:
     _wait(p, timeout=300)
@@ -109,6 +113,10 @@ def test_main_two_processes_equal_one_process(tmp_path):
     assert results[1][key] == pytest.approx(results[0][key]), key
   assert len(os.listdir(multi / "tensorboard")) == 1
   assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
+  a, b = _saved_state(single / "checkpoints", 6), _saved_state(multi / "checkpoints", 6)
+  assert a.keys() == b.keys() and any("ema" in k for k in a)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_batch_must_be_positive():
@@ -119,7 +127,7 @@ def test_batch_must_be_positive():
 
 
 def test_indivisible_batch_message_names_values(tmp_path):
-  proc = _run(tmp_path / "x.npz", "--devices", 4, "--batch", 6)
+  proc = _run(tmp_path / "x", "--devices", 4, "--batch", 6)
   output, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert "train.batch_size=6 must be a positive multiple of the device count 4" in output
