@@ -1,18 +1,26 @@
 """Test defaults: main.py's XLA CPU settings, float32 matmuls at full precision so reference
-comparisons are tight, and one persistent compilation cache for the session, shared with the
-subprocesses tests start (many tests compile the same tiny programs: training runs,
-resumes, main.py runs)."""
+comparisons are tight, and one persistent compilation cache for the session, shared with
+pytest-xdist's workers and the subprocesses tests start (many tests compile the same tiny
+programs: training runs, resumes, main.py runs). On a GPU the workers share it, so none
+preallocates its memory."""
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
+import pytest
 
 from jaxdefense import xla_flags
 
 xla_flags.set_cpu_defaults()  # Before JAX's first computation, as main.py does.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-_CACHE = tempfile.mkdtemp(prefix="jaxdefense-test-xla-cache-")
+# pytest-xdist's workers inherit the controller's environment, hence its cache.
+_OWNER = "JAXDEFENSE_TEST_XLA_CACHE" not in os.environ
+if _OWNER:
+  os.environ["JAXDEFENSE_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxdefense-test-xla-cache-")
+_CACHE = os.environ["JAXDEFENSE_TEST_XLA_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -24,4 +32,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_CACHE, ignore_errors=True)
+  if _OWNER:
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rolled_attack_loops():
+  """Attack loops compiled rolled (`unroll=1`) instead of the measured default (whole up to
+  20 steps): the same iterations, several times less to compile, for tests that run many
+  attacks on tiny models once."""
+  import jaxdefense.attacks  # noqa: F401  (its submodules are then in sys.modules)
+  with pytest.MonkeyPatch.context() as patch:
+    for name in ("pgd", "apgd", "fab"):  # `attacks.pgd` is the function: by module name.
+      patch.setattr(sys.modules[f"jaxdefense.attacks.{name}"], "default_unroll",
+                    lambda steps: 1)
+    yield

@@ -29,7 +29,7 @@ def _config(defense):
 
 
 @pytest.fixture(scope="module")
-def trained_fsr(tmp_path_factory):
+def trained_fsr(tmp_path_factory, rolled_attack_loops):
   """A naturally trained tiny ResNet + FSR on digits (its training log and workdir)."""
   workdir = str(tmp_path_factory.mktemp("fsr"))
   config = _config("fsr")
@@ -61,7 +61,7 @@ def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
     assert f"| {title}" in table or f" {title} |" in table
 
 
-def test_undefended_model_skips_adaptive_attacks(tmp_path):
+def test_undefended_model_skips_adaptive_attacks(tmp_path, rolled_attack_loops):
   config = _config("none")
   config.train.epochs = 1
   config.eval.attacks = ("pgd20", "adaptive", "eot")
