@@ -3,11 +3,16 @@ r"""jaxdefense: adversarial training and evaluation of CAS / FSR defenses.
     python main.py --config=configs/quickstart.py --workdir=workdirs/quickstart
     python main.py --config=configs/wrn_fsr.py --workdir=DIR [--config.optim.lr=0.05]
     python main.py --mode=eval --config=configs/wrn_fsr.py --workdir=DIR
+
+Exit codes: 0 finished; 75 preempted (SIGTERM; state saved, rerun to resume); 2-6 a fault
+of the inputs or the workdir, reported in one line (jaxdefense/errors.py); 1 anything else.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdefense import parallel, xla_flags
+from jaxdefense import errors, parallel, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*.py).",
@@ -32,15 +37,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it.
   xla_flags.set_cpu_defaults()  # Before JAX's first computation, which reads XLA_FLAGS.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.mode == "train":
-    from jaxdefense import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
-    from jaxdefense import evaluate
-    evaluate.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
-  else:
-    from jaxdefense import analysis
-    analysis.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+  try:
+    if FLAGS.mode == "train":
+      from jaxdefense import train
+      result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      if result.get("preempted"):
+        sys.exit(errors.PREEMPTED_EXIT_CODE)
+    elif FLAGS.mode == "eval":
+      from jaxdefense import evaluate
+      evaluate.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+    else:
+      from jaxdefense import analysis
+      analysis.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+  except errors.RunError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

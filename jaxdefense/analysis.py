@@ -139,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   train.validate(config, mesh)
+  evaluate.check_workdir(config, workdir)
   dataset = train.load_data(config)
   model = train.build_model(config, dataset.num_classes)
   variables, step = evaluate.restore_variables(config, workdir, which, model,

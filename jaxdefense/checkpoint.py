@@ -38,6 +38,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxdefense import errors
+
 BEST_MODES = ("max", "min")
 
 
@@ -52,6 +54,13 @@ class _DropUntrackedMetricWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_DropUntrackedMetricWarning())
 _STATE = "state"
 _METADATA = "metadata"
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  """The error's type and first line, shortened: TensorStore's messages run to pages."""
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _abstract_leaf(x: Any) -> Any:
@@ -79,10 +88,13 @@ class Checkpointer:
       None keeps only the most recent ones. Steps saved without a finite value of it never
       count as best.
     best_mode: "max" or "min": which value of `best_metric` is best.
+    read_only: only restore (evaluation beside a running training): never save, delete,
+      clean up the writer's temporary directories or move damaged steps aside.
   """
 
   def __init__(self, directory: str | epath.PathLike, *, save_every_steps: int, keep: int,
-               best_metric: str | None = "pgd_acc", best_mode: str = "max"):
+               best_metric: str | None = "pgd_acc", best_mode: str = "max",
+               read_only: bool = False):
     if save_every_steps < 1:
       raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
     if keep < 1:
@@ -103,8 +115,10 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=self._score if best_metric is not None else None,
         best_mode=best_mode,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
         enable_async_checkpointing=True)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._preempted = False
     self._previous_handler: Any = None
@@ -157,28 +171,71 @@ class Checkpointer:
     `which` is "latest", "best" or a step number. Returns `(state, step, metadata)`; None
     when `which="latest"` and nothing is saved yet (a fresh run), FileNotFoundError naming
     the directory when the best or the given step does not exist.
+
+    A step that fails to restore is skipped for the next older one (for "best": the best,
+    then the others from the newest), with one line saying which step and why. Once an
+    older step restores, the newer failed ones are damaged (the same target restored from
+    an older step) and are moved to `<directory>_damaged/`, not deleted. If none restores,
+    nothing is moved (the cause may be the target, e.g. another model) and NoIntactCheckpoint
+    lists every step tried and why.
     """
     self.wait()
     if which == "latest":
-      step = self.latest_step()
-      if step is None:
+      first = self.latest_step()
+      if first is None:
         return None
     elif which == "best":
-      step = self.best_step()
-      if step is None:
+      first = self.best_step()
+      if first is None:
         raise FileNotFoundError(f"no checkpoint with metric {self.best_metric!r} in "
                                 f"{self.directory} (steps saved: {self.all_steps()})")
     elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-      step = int(which)
-      if step not in self.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+      first = int(which)
+      if first not in self.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {first} in {self.directory} "
                                 f"(steps saved: {self.all_steps()})")
     else:
       raise ValueError(f"which must be 'latest', 'best' or a step number, got {which!r}")
+    candidates = [first]
+    if not isinstance(which, (int, np.integer)):
+      candidates += [s for s in sorted(self.all_steps(), reverse=True) if s != first]
     abstract = jax.tree.map(_abstract_leaf, target)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract), _METADATA: ocp.args.JsonRestore()}))
-    return restored[_STATE], step, dict(restored[_METADATA] or {})
+    failed: list[tuple[int, str]] = []
+    for step in candidates:
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract), _METADATA: ocp.args.JsonRestore()}))
+      except Exception as e:  # noqa: BLE001  (TensorStore, orbax and tree errors alike)
+        failed.append((step, _one_line(e)))
+        if jax.process_index() == 0:
+          print(f"checkpoint step {step} in {self.directory} does not restore: "
+                f"{failed[-1][1]}", flush=True)
+        continue
+      if failed and not self.read_only:
+        self._move_aside([s for s, _ in failed])
+      return restored[_STATE], step, dict(restored[_METADATA] or {})
+    raise errors.NoIntactCheckpoint(
+        f"no checkpoint in {self.directory} restores; tried "
+        + "; ".join(f"step {s}: {reason}" for s, reason in failed)
+        + ". If the run was made with another config or code version, restore with that; "
+        "else move the damaged steps away and start again.")
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps to `<directory>_damaged/<step>` (renamed if taken), so that
+    orbax no longer lists them; process 0 moves, every process waits for it."""
+    if jax.process_index() == 0:
+      aside = self.directory.parent / f"{self.directory.name}_damaged"
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        destination = aside / str(step)
+        n = 1
+        while destination.exists():
+          destination, n = aside / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(destination)
+        print(f"moved damaged checkpoint step {step} to {destination}", flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("jaxdefense_checkpoint_move_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves (and old-step deletions) are on disk."""

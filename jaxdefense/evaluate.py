@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import attacks, checkpoint, data, parallel, paths, train
+from jaxdefense import attacks, checkpoint, data, errors, guard, parallel, paths, train
 from jaxdefense.attacks.autoattack import autoattack
 from jaxdefense.attacks import losses
 
@@ -30,13 +30,20 @@ from jaxdefense.attacks import losses
 class Attack:
   """One column of the table: how to find x' for a batch, and what it is."""
   title: str
-  run: Callable[..., jax.Array]   # (model, defense, variables, x, labels, key) -> correct (N,)
+  run: Callable[..., tuple[jax.Array, jax.Array]]  # (model, defense, variables, x, labels,
+  #   key) -> (correct, finite), each (N,) (see `_correct`)
   params: dict[str, Any]
   applies: Callable[[str], bool] = lambda defense: True
 
 
-def _correct(model, variables, x_adv, labels) -> jax.Array:
-  return jnp.argmax(attacks.deployed(model, variables)(x_adv).logits, -1) == labels
+def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
+  """Per point, whether the deployed model classifies x' correctly, and whether x' and its
+  logits are finite. A point where the attack went non-finite (NaN gradients make NaN
+  steps) is never counted correct: argmax of NaN logits would pick a class anyway."""
+  logits = attacks.deployed(model, variables)(x_adv).logits
+  finite = (jnp.all(jnp.isfinite(logits), axis=-1)
+            & jnp.all(jnp.isfinite(x_adv), axis=tuple(range(1, x_adv.ndim))))
+  return (jnp.argmax(logits, -1) == labels) & finite, finite
 
 
 def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str = "ce",
@@ -72,7 +79,8 @@ def _autoattack(version: str, options: dict):
     result = autoattack(model_fn, x, labels, key, eps=eps, version=version,
                         options=options or None)
     # Scored on the model as deployed, like every other column.
-    return result.robust & _correct(model, variables, result.x_adv, labels)
+    correct, finite = _correct(model, variables, result.x_adv, labels)
+    return result.robust & correct, finite
   return run
 
 
@@ -111,6 +119,15 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   }
 
 
+def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Before any data is loaded: the workdir has checkpoints, of a model this config builds."""
+  directory = workdir / "checkpoints"
+  if not directory.exists():
+    raise errors.NoCheckpoint(f"no checkpoint in {directory}: train first with "
+                              f"--mode=train --workdir={workdir}")
+  guard.check_config(workdir, config)
+
+
 def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, model,
                       image_shape, mesh) -> tuple[dict, int]:
   """The checkpoint's variables (its EMA when the run kept one), replicated on the mesh."""
@@ -122,19 +139,20 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, wh
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         abstract)
   directory = workdir / "checkpoints"
-  missing = FileNotFoundError(f"no checkpoint in {directory}: train first with "
-                              f"--mode=train --workdir={workdir}")
-  if not directory.exists():  # Checked first: the Checkpointer would create it.
-    raise missing
   ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
-                                 best_metric="pgd_accuracy")
+                                 best_metric="pgd_accuracy", read_only=True)
   try:
     if ckpt.latest_step() is None:
-      raise missing
+      raise errors.NoCheckpoint(f"no checkpoint in {directory}")
     state, step, _ = ckpt.restore(target, which=which)
   finally:
     ckpt.close()
-  return state.variables(use_ema=ema), step
+  variables = state.variables(use_ema=ema)
+  if not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(variables)):
+    raise errors.NoIntactCheckpoint(
+        f"checkpoint step {step} in {directory} holds non-finite parameters (a diverged "
+        "run); evaluate another step or retrain")
+  return variables, step
 
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
@@ -152,9 +170,10 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   if e.eps < 0:
     raise ValueError(f"eval.eps must be >= 0, got {e.eps}")
 
-  def per_point(name: str, fn) -> tuple[np.ndarray, float]:
+  def per_point(name: str, fn) -> tuple[np.ndarray, int, float]:
+    """Per point correct, the count of points with non-finite x' or logits, seconds."""
     step = jax.jit(lambda v, batch, key: fn(v, batch["x"], batch["labels"], key))
-    out, start = [], time.time()
+    out, non_finite, start = [], 0, time.time()
     batches = list(data.eval_batches(images, labels, e.batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()))
@@ -164,15 +183,18 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
       batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
       batch["x"] = data.to_float(batch["x"])
       key = jax.random.fold_in(jax.random.key(e.seed), i)
-      correct = parallel.to_host(step(variables, batch, key))
-      out.append(correct[parallel.to_host(batch["mask"])])
-    return np.concatenate(out), time.time() - start
+      correct, finite = map(parallel.to_host, step(variables, batch, key))
+      valid = parallel.to_host(batch["mask"])
+      out.append(correct[valid])
+      non_finite += int(np.sum(~finite[valid]))
+    return np.concatenate(out), non_finite, time.time() - start
 
   natural_fn = lambda v, x, y, k: _correct(model, v, x, y)
   results: dict[str, Any] = {}
-  natural, seconds = per_point("natural", natural_fn)
+  natural, non_finite, seconds = per_point("natural", natural_fn)
   results["natural"] = {"title": "Natural", "accuracy": float(natural.mean()),
-                        "num_points": int(natural.size), "time_s": seconds}
+                        "num_points": int(natural.size), "non_finite_points": non_finite,
+                        "time_s": seconds}
   ensemble = natural.copy()
   for name in names:
     attack = attacks_by_name[name]
@@ -181,12 +203,13 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
                                                          f"{defense.name!r}"}
       continue
     fn = functools.partial(attack.run, model, defense, eps=e.eps)
-    correct, seconds = per_point(name, lambda v, x, y, k: fn(v, x, y, k))
+    correct, non_finite, seconds = per_point(name, lambda v, x, y, k: fn(v, x, y, k))
     correct &= natural  # Robust: correct naturally and under the attack.
     ensemble &= correct
     results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
-                     "num_points": int(correct.size), "eps": e.eps, "norm": "linf",
-                     "seed": e.seed, "time_s": seconds, **attack.params}
+                     "num_points": int(correct.size), "non_finite_points": non_finite,
+                     "eps": e.eps, "norm": "linf", "seed": e.seed, "time_s": seconds,
+                     **attack.params}
   results["ensemble"] = {"title": "Ensemble", "accuracy": float(ensemble.mean()),
                          "num_points": int(ensemble.size),
                          "attacks": [n for n in names if "accuracy" in results[n]]}
@@ -201,6 +224,8 @@ def markdown_table(results: dict[str, Any], caption: str) -> str:
   cell = lambda r: f"{100 * r['accuracy']:.2f}" if "accuracy" in r else "n/a"
   row = "| " + " | ".join(cell(r) for _, r in cols) + " |"
   notes = [f"- {r['title']}: {r['skipped']}" for _, r in cols if "skipped" in r]
+  notes += [f"- {r['title']}: {r['non_finite_points']} point(s) with non-finite x' or logits, "
+            "counted as not robust" for _, r in cols if r.get("non_finite_points")]
   return "\n".join([caption, "", head, rule, row, *([""] + notes if notes else []), ""])
 
 
@@ -209,6 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   train.validate(config, mesh)
+  check_workdir(config, workdir)
   dataset = train.load_data(config)
   model = train.build_model(config, dataset.num_classes)
   variables, step = restore_variables(config, workdir, which, model, dataset.image_shape, mesh)

@@ -5,7 +5,9 @@ The JSON-lines file is rewritten whole and atomically at each write (through
 `jaxdefense.paths`), which works on object stores such as `gs://`, where a file cannot be
 appended to. TensorBoard events go through tensorboardX, which writes `gs://` with
 google-cloud-storage (`pip install -e ".[gcs]"`); the writer is opened at construction, so
-a workdir it cannot write fails at start-up, not at the first log step.
+a remote workdir it cannot write fails at start-up (`check_supported`), not at the first
+log step. A resumed run drops what a killed run logged after its checkpoint: JSON rows past
+`resume_step`, and TensorBoard events through tensorboardX's purge step.
 """
 from __future__ import annotations
 
@@ -16,29 +18,43 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxdefense import paths
+from jaxdefense import errors, paths
 
 
-def _tensorboard(logdir: epath.Path):
-  from tensorboardX import SummaryWriter  # Imported here: only process 0 writes events.
-  try:
-    return SummaryWriter(str(logdir))
-  except ImportError as e:
-    raise ValueError(f"cannot write TensorBoard events to {logdir}: {e} (for gs:// "
-                     "workdirs: pip install -e \".[gcs]\")") from e
+def check_supported(workdir: epath.PathLike) -> None:
+  """RunError unless tensorboardX can write events under `workdir` (local paths always;
+  gs:// with google-cloud-storage, s3:// with boto3)."""
+  if not paths.is_remote(workdir):
+    return
+  from tensorboardX import record_writer
+  scheme = str(workdir).split("://", 1)[0]
+  factory = record_writer.REGISTERED_FACTORIES.get(scheme)
+  missing = {record_writer.GCSRecordWriterFactory: ("google-cloud-storage",
+                                                    record_writer.GCS_ENABLED),
+             record_writer.S3RecordWriterFactory: ("boto3", record_writer.S3_ENABLED)}
+  package, enabled = missing.get(type(factory), (None, True))
+  if factory is None or not enabled:
+    need = f"; install {package} (gs://: pip install -e \".[gcs]\")" if package else ""
+    raise errors.RunError(f"cannot write TensorBoard events to {workdir}: tensorboardX has "
+                          f"no usable writer for {scheme}://{need}")
 
 
 class MetricWriter:
-  def __init__(self, workdir: epath.PathLike, *, enabled: bool | None = None):
+  def __init__(self, workdir: epath.PathLike, *, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._path = epath.Path(workdir) / "metrics.jsonl"
     self._rows: list[str] = []
     self._tb = None
     if self.enabled:
+      from tensorboardX import SummaryWriter  # Imported here: only process 0 writes events.
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       if self._path.exists():
         self._rows = self._path.read_text().splitlines()
-      self._tb = _tensorboard(epath.Path(workdir) / "tensorboard")
+        if resume_step is not None:
+          self._rows = [r for r in self._rows if json.loads(r)["step"] <= resume_step]
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any], **context: Any) -> None:
     """Adds `{"step": step, **context, **metrics}`; scalars also go to TensorBoard."""

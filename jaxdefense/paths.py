@@ -14,6 +14,8 @@ import uuid
 
 from etils import epath
 
+from jaxdefense import errors
+
 
 def is_remote(path: epath.PathLike) -> bool:
   """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
@@ -39,3 +41,18 @@ def write_bytes(path: epath.PathLike, data: bytes) -> None:
 def write_text(path: epath.PathLike, text: str) -> None:
   """Writes `text` (UTF-8) to `path` atomically."""
   write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(directory: epath.PathLike) -> None:
+  """RunError naming `directory` unless it is (or can be made) a directory that takes a
+  file: checked where a run starts, before any data is loaded."""
+  directory = epath.Path(directory)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():
+      raise NotADirectoryError(f"{directory} is a file")
+    probe = directory / f".write-test-{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise errors.RunError(f"workdir {directory} is not a writable directory: {e}") from e

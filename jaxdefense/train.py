@@ -19,7 +19,8 @@ import optax
 import tqdm
 from etils import epath
 
-from jaxdefense import attacks, checkpoint, data, defenses, models, objectives, parallel, paths
+from jaxdefense import (attacks, checkpoint, data, defenses, errors, guard, metric_writer, models,
+                        objectives, parallel, paths)
 from jaxdefense.metric_writer import MetricWriter
 
 
@@ -107,7 +108,7 @@ def train_step(state: TrainState, batch: dict, *, objective: objectives.Objectiv
   if ema is not None:
     new = {"params": params, "batch_stats": batch_stats}
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new)
-  metrics = dict(metrics, lr=schedule(state.step))
+  metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                        opt_state=opt_state, ema=ema), metrics
 
@@ -178,13 +179,42 @@ def _eval_subset(dataset: data.Dataset, num: int | None):
   return dataset.test_images, dataset.test_labels
 
 
+def _first_non_finite(fetched: list[tuple[int, dict]]) -> tuple[int, dict] | None:
+  """The first (step, metrics) whose loss or gradient norm is not finite."""
+  for step, m in fetched:
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+      return step, m
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results."""
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results.
+
+  Before anything is loaded, the workdir must be writable, free (`guard.Lock`: one training
+  per workdir) and, if trained before, trained with a config that builds the same model
+  (`guard.check_config`). Returns the results, or `{"preempted": True, "step": ...}` after
+  SIGTERM; raises `errors.Diverged` at a non-finite loss or gradient norm, having saved
+  nothing from that step on."""
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   validate(config, mesh)
   is_main = jax.process_index() == 0
-  writer = MetricWriter(workdir)  # Before the data: an unwritable workdir fails at once.
+  guard.check_config(workdir, config)
+  lock = guard.Lock(workdir)
+  if is_main:
+    paths.check_writable(workdir)
+    metric_writer.check_supported(workdir)
+    lock.acquire()
+  try:
+    if is_main:
+      guard.record_config(workdir, config)
+    return _train(config, workdir, mesh)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
+  is_main = jax.process_index() == 0
   dataset = load_data(config)
   model = build_model(config, dataset.num_classes)
   batch_size = config.train.batch_size
@@ -210,12 +240,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints",
                                  save_every_steps=config.train.checkpoint_every_steps,
                                  keep=config.train.keep_checkpoints, best_metric="pgd_accuracy")
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state, _, _ = restored
-    if is_main:
-      print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+  writer = None
+  try:
+    restored = ckpt.restore(state)
+    if restored is not None:
+      state, _, _ = restored
+      if is_main:
+        print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+    # Rows and events logged after the checkpoint (by a run killed later) are dropped.
+    writer = MetricWriter(workdir, resume_step=int(state.step) if restored else None)
+    return _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writer,
+                 steps_per_epoch, total_steps)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
 
+
+def _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writer,
+          steps_per_epoch: int, total_steps: int) -> dict:
+  is_main = jax.process_index() == 0
+  ema_decay = float(config.train.ema_decay)
   objective = objectives.make(config.objective.name, model, defense_config(config),
                               attack_config(config), beta=config.objective.beta)
   augment = functools.partial(data.augment, **data.augmentation_for(dataset.name))
@@ -236,12 +281,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     return result
 
   step = int(state.step)
-  pending: list[dict] = []
+  pending: list[tuple[int, Any]] = []  # (step, metrics) not yet logged.
+
+  def fetch() -> None:
+    """Brings pending metrics to the host; raises Diverged at the first non-finite one.
+    Called before every save, so no saved state ever follows a non-finite step."""
+    pending[:] = jax.device_get(pending)
+    bad = _first_non_finite(pending)
+    if bad is not None:
+      bad_step, m = bad
+      ckpt.wait()
+      newest = ckpt.latest_step()
+      kept = (f"newest checkpoint in {workdir}: step {newest}" if newest is not None
+              else "no checkpoint was saved")
+      raise errors.Diverged(
+          f"training diverged at step {bad_step}: loss {float(m['loss'])}, gradient norm "
+          f"{float(m['grad_norm'])}; nothing from that step on was saved ({kept}). Lower "
+          "optim.lr or check the data.")
 
   def log_train(step: int, epoch: int) -> None:
     if not pending:
       return
-    fetched = jax.device_get(pending)
+    fetch()
+    fetched = [m for _, m in pending]
     pending.clear()
     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     writer.write(step, {f"train/{k}": v for k, v in summary.items()}, epoch=epoch,
@@ -256,13 +318,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     while step < total_steps:
       epoch = step // steps_per_epoch
       for images, labels in data.train_batches(
-          dataset, batch_size, seed=config.seed, epoch=epoch,
+          dataset, batch_size=config.train.batch_size, seed=config.seed, epoch=epoch,
           start_step=step % steps_per_epoch, process_index=jax.process_index(),
           process_count=jax.process_count()):
         batch = parallel.shard_batch(mesh, {"images": images, "labels": labels})
         state, metrics = step_fn(state, batch)
         step += 1
-        pending.append(metrics)
+        pending.append((step, metrics))
         if step % config.train.log_every_steps == 0 or step == total_steps:
           log_train(step, epoch)
         bar.update(1)
@@ -271,16 +333,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         metadata = {"epoch": completed, "config": config.get("name", "")}
         if end_of_epoch and (completed % config.train.eval_every_epochs == 0
                              or step == total_steps):
+          fetch()
           last_eval = run_eval(step, completed)
           ckpt.save(step, state, force=True, metadata=metadata,
                     metrics={"pgd_accuracy": last_eval["pgd_accuracy"]})
-        else:
+        elif step % config.train.checkpoint_every_steps == 0:
+          fetch()
           ckpt.save(step, state, metadata=metadata)
-        if ckpt.reached_preemption(step):
+        # The last step finishes the run (results below) even if SIGTERM came meanwhile.
+        if ckpt.reached_preemption(step) and step < total_steps:
           log_train(step, epoch)
           ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
-          ckpt.close()
-          writer.close()
           if is_main:
             print(f"preempted: saved step {step} to {workdir}; rerun the same command to "
                   "resume", flush=True)
@@ -292,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     last_eval = run_eval(step, config.train.epochs)
   ckpt.save(step, state, force=True, metrics={"pgd_accuracy": last_eval["pgd_accuracy"]},
             metadata={"epoch": config.train.epochs, "config": config.get("name", "")})
-  ckpt.close()
+  ckpt.wait()
   results = {"config": config.get("name", ""), "epochs": config.train.epochs, "steps": step,
              "natural_accuracy": last_eval["natural_accuracy"],
              "robust_accuracy": last_eval["pgd_accuracy"],
@@ -300,5 +363,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
              "num_examples": last_eval["num_examples"], "ema": use_ema}
   if is_main:
     paths.write_text(workdir / "results.json", json.dumps(results, indent=2))
-  writer.close()
   return results

@@ -1,0 +1,148 @@
+"""A workdir's guards: who is training there, and with what.
+
+- `lock.json`: a training run holds the workdir for as long as it runs (host, process id,
+  start time), so that a second training on the same workdir refuses to start instead of
+  interleaving checkpoints and logs. A lock whose process is gone (same host) is taken
+  over with a message; one from another host is reported with how to remove it. Evaluation
+  and analysis take no lock: they only read finished checkpoints.
+- `config.json`: the config the workdir was first trained with. Resuming, evaluating or
+  analysing with a config that builds other parameters (architecture, widths, defense and
+  its sites, classes, EMA) is one error naming each differing field and both values.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from jaxdefense import errors, paths
+
+LOCK = "lock.json"
+CONFIG = "config.json"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's process.
+    return True
+  return True
+
+
+class Lock:
+  """`workdir/lock.json`, held from `acquire()` to `release()` (or the `with` block)."""
+
+  def __init__(self, workdir: epath.PathLike):
+    self.path = epath.Path(workdir) / LOCK
+    self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    self._held = False
+
+  def _create(self) -> bool:
+    """Writes the lock if there is none; False if one exists. Exclusive on local disks;
+    on object stores (gs://) a check, then a write."""
+    text = json.dumps(self.holder)
+    if paths.is_remote(self.path):
+      if self.path.exists():
+        return False
+      paths.write_text(self.path, text)
+      return True
+    try:
+      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+
+  def acquire(self) -> Lock:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+      if self._create():
+        self._held = True
+        return self
+      try:
+        other = json.loads(self.path.read_text())
+      except (FileNotFoundError, json.JSONDecodeError):
+        other = {}
+      if other.get("host") == self.holder["host"] and other.get("pid") is not None \
+          and not _pid_alive(int(other["pid"])):
+        print(f"taking over {self.path}: its process {other['pid']} on {other['host']} "
+              f"(started {other.get('started')}) is gone", flush=True)
+        self.path.unlink(missing_ok=True)
+        continue
+      raise errors.WorkdirBusy(
+          f"workdir {self.path.parent} is in use by a training run on host "
+          f"{other.get('host', '?')}, process {other.get('pid', '?')}, started "
+          f"{other.get('started', '?')}; wait for it to end or use another --workdir (if "
+          f"that run is gone, delete {self.path})")
+    raise errors.WorkdirBusy(f"could not take {self.path}: another run took it meanwhile")
+
+  def release(self) -> None:
+    if not self._held:
+      return
+    try:
+      if json.loads(self.path.read_text()).get("pid") == self.holder["pid"]:
+        self.path.unlink(missing_ok=True)
+    except (FileNotFoundError, json.JSONDecodeError):
+      pass
+    self._held = False
+
+  def __enter__(self) -> Lock:
+    return self.acquire()
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.release()
+
+
+def _plain(value: Any) -> Any:
+  """JSON's view of a config value: ConfigDicts as dicts, tuples as lists."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=str))
+
+
+def parameter_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config fields that decide the checkpoint's parameter and state trees."""
+  fields = {"model.arch": config.model.arch, "model.kwargs": config.model.get("kwargs", {}),
+            "defense.name": config.defense.name, "defense.sites": config.defense.sites,
+            "data.name": config.data.name, "data.image_size": config.data.image_size,
+            "train.ema_decay > 0": config.train.ema_decay > 0}
+  if config.defense.name == "fsr":
+    fields["defense.hidden"] = config.defense.hidden
+  return {k: _plain(v) for k, v in fields.items()}
+
+
+def record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes `config.json` on a workdir's first training; later runs check against it."""
+  path = workdir / CONFIG
+  if path.exists():
+    check_config(workdir, config)
+    return
+  paths.write_text(path, json.dumps({"parameter_fields": parameter_fields(config),
+                                     "config": json.loads(config.to_json_best_effort())},
+                                    indent=2))
+
+
+def check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """ConfigMismatch naming every field that differs from the workdir's `config.json` in
+  the parameters it builds (nothing to check in a workdir without one)."""
+  path = workdir / CONFIG
+  if not path.exists():
+    return
+  recorded = json.loads(path.read_text())["parameter_fields"]
+  current = parameter_fields(config)
+  differing = [f"{k}: {recorded.get(k)!r} in the workdir, {current.get(k)!r} now"
+               for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+  if differing:
+    raise errors.ConfigMismatch(
+        f"the config does not match the model trained in {workdir}: "
+        + "; ".join(differing)
+        + f". Use the config it was trained with (saved in {path}), or another --workdir.")

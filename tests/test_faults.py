@@ -1,0 +1,262 @@
+"""Faults a long run meets, each made on purpose: a damaged newest checkpoint, a diverged run,
+a second training on a held workdir, a config that builds another model, bad workdirs,
+SIGTERM (mid-run and during the final evaluation) and SIGKILL at random moments."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdefense import errors, evaluate, guard, train
+from jaxdefense.checkpoint import Checkpointer
+from tests.test_parallel import _saved_state
+from tests.test_train import ROOT, TINY, _main, tiny_config
+
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+def _largest_array_file(step_dir):
+  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir / "state") for f in names
+           if os.sep + "d" + os.sep in os.path.join(d, f)]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished tiny run (checkpoints 3, 4, 6) to copy and damage."""
+  workdir = tmp_path_factory.mktemp("trained")
+  config = tiny_config()
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _copy(trained, tmp_path):
+  import shutil
+  config, workdir = trained
+  shutil.copytree(workdir, tmp_path / "run")
+  return config, tmp_path / "run"
+
+
+@pytest.mark.parametrize("damage", ["truncate an array file", "delete state/_METADATA"])
+def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path, capsys,
+                                                                 damage):
+  """Eval names the damaged step and evaluates the previous one (moving nothing); training
+  resumes from the previous one, moves the damaged step to checkpoints_damaged/ and ends
+  where an undamaged run ends."""
+  config, run = _copy(trained, tmp_path)
+  if damage.startswith("truncate"):
+    path = _largest_array_file(run / "checkpoints" / "6")
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(run / "checkpoints" / "6" / "state" / "_METADATA")
+  config.eval.attacks, config.eval.num_examples, config.eval.batch_size = ("fgsm",), 24, 24
+  report = evaluate.run(config, run, which="latest")
+  assert report["step"] == 4
+  assert "checkpoint step 6 in" in capsys.readouterr().out
+  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]  # Eval moves nothing.
+
+  results = train.train_and_evaluate(config, run)
+  out = capsys.readouterr().out
+  assert "checkpoint step 6 in" in out and "does not restore" in out
+  assert "resumed from step 4" in out and "moved damaged checkpoint step 6" in out
+  assert os.listdir(tmp_path / "run" / "checkpoints_damaged") == ["6"]
+  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]
+  assert results == json.loads((trained[1] / "results.json").read_text())
+  a, b = _saved_state(trained[1] / "checkpoints", 6), _saved_state(run / "checkpoints", 6)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_no_intact_checkpoint_is_one_error_listing_every_step(trained, tmp_path):
+  config, run = _copy(trained, tmp_path)
+  for step in ("3", "4", "6"):
+    os.remove(run / "checkpoints" / step / "state" / "_METADATA")
+  with pytest.raises(errors.NoIntactCheckpoint,
+                     match=r"no checkpoint in .* restores; tried step 6: .*; step 4: .*; step 3"):
+    train.train_and_evaluate(config, run)
+  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]  # Nothing moved.
+
+
+def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
+  """lr x 1e10 after the first epoch: a Diverged error naming the step and the values; no
+  results.json; the checkpoints of the first epoch are kept, every one left is finite;
+  evaluation refuses a non-finite checkpoint."""
+  config = tiny_config()
+  config.optim.milestones, config.optim.decay_factor = (1,), 1e10
+  with pytest.raises(errors.Diverged, match=r"training diverged at step \d+: loss .*gradient "
+                                            r"norm .*newest checkpoint in .*: step"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "results.json").exists()
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps[:2] == [2, 3]
+  for step in steps:
+    for key, value in _saved_state(tmp_path / "checkpoints", step).items():
+      assert np.all(np.isfinite(value)), (step, key)
+  rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(v) for r in rows for k, v in r.items() if k.startswith("train/"))
+
+  # A non-finite checkpoint (saved by hand) is refused by evaluation.
+  good = tiny_config()
+  train.train_and_evaluate(good, tmp_path / "good")
+  target = jax.eval_shape(lambda: train.create_train_state(
+      train.build_model(good, 10), train.make_optimizer(good, 3)[0], jax.random.key(0),
+      (8, 8, 1), ema=True))
+  with Checkpointer(tmp_path / "good" / "checkpoints", save_every_steps=1, keep=5,
+                    best_metric="pgd_accuracy") as ckpt:
+    state, _, _ = ckpt.restore(target)
+    nan = jax.tree.map(lambda a: a * jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                       state)
+    ckpt.save(7, nan, force=True)
+  with pytest.raises(errors.NoIntactCheckpoint, match="step 7 .* non-finite parameters"):
+    evaluate.run(good, tmp_path / "good", which="latest")
+
+
+def test_a_point_with_non_finite_logits_is_not_robust():
+  """evaluate's scoring: NaN logits (argmax would pick class 0) and NaN inputs count as
+  wrong, and as non-finite."""
+  class Model:
+    def apply(self, variables, x, train=False):
+      del variables, train
+      logits = jnp.stack([jnp.sum(x, axis=(1, 2, 3)), jnp.zeros(len(x))], -1)
+      return type("Out", (), {"logits": logits})()
+
+  x = jnp.ones((3, 2, 2, 1)).at[1].set(jnp.nan)
+  correct, finite = evaluate._correct(Model(), {}, x, jnp.array([0, 0, 1]))
+  assert correct.tolist() == [True, False, False] and finite.tolist() == [True, False, True]
+  table = evaluate.markdown_table({"pgd20": {"title": "PGD-20", "accuracy": 0.5,
+                                             "non_finite_points": 2}}, "caption")
+  assert "PGD-20: 2 point(s) with non-finite x' or logits, counted as not robust" in table
+
+
+def test_second_training_on_a_held_workdir_refuses_and_eval_runs_beside(trained, tmp_path):
+  config, run = _copy(trained, tmp_path)
+  held = guard.Lock(run).acquire()
+  try:
+    with pytest.raises(errors.WorkdirBusy, match=rf"in use by a training run on host "
+                                                 rf"{socket.gethostname()}, process {os.getpid()}"):
+      train.train_and_evaluate(config, run)
+    config.eval.attacks, config.eval.num_examples, config.eval.batch_size = ("fgsm",), 24, 24
+    assert evaluate.run(config, run, which="latest")["step"] == 6
+  finally:
+    held.release()
+  assert not (run / "lock.json").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(),
+                                                  "pid": dead.pid, "started": "earlier"}))
+  with guard.Lock(tmp_path):
+    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
+  assert f"its process {dead.pid}" in capsys.readouterr().out
+  (tmp_path / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1,
+                                                  "started": "earlier"}))
+  with pytest.raises(errors.WorkdirBusy, match="host elsewhere, process 1.*delete .*lock.json"):
+    guard.Lock(tmp_path).acquire()
+
+
+def test_a_config_that_builds_another_model_is_one_error(trained, tmp_path):
+  config, run = _copy(trained, tmp_path)
+  fsr = tiny_config("fsr")
+  message = (r"defense.name: 'none' in the workdir, 'fsr' now.*Use the config it was trained "
+             r"with \(saved in .*config.json\)")
+  for action in (lambda: evaluate.run(fsr, run), lambda: train.train_and_evaluate(fsr, run)):
+    with pytest.raises(errors.ConfigMismatch, match=message):
+      action()
+  wider = tiny_config()
+  wider.model.kwargs.width = 16
+  with pytest.raises(errors.ConfigMismatch, match=r"model.kwargs: .*'width': 8.*'width': 16"):
+    evaluate.run(wider, run)
+
+
+def test_bad_workdirs_fail_at_once_in_one_line(tmp_path):
+  """main.py: eval of an empty workdir (no checkpoints/ left behind, no traceback), a
+  workdir that is a file; each exits non-zero with one 'error:' line."""
+  empty = _main(tmp_path / "empty", "--mode=eval", timeout=120)
+  assert empty.returncode == errors.NoCheckpoint.exit_code, empty.stderr[-2000:]
+  assert "error: no checkpoint in" in empty.stderr and "Traceback" not in empty.stderr
+  assert not (tmp_path / "empty" / "checkpoints").exists()
+  (tmp_path / "file").write_text("")
+  start = time.time()
+  as_file = _main(tmp_path / "file", *TINY, timeout=120)
+  assert as_file.returncode == errors.RunError.exit_code, as_file.stderr[-2000:]
+  assert f"error: workdir {tmp_path / 'file'} is not a writable directory" in as_file.stderr
+  assert "devices:" not in as_file.stdout  # Before the data is loaded.
+  assert time.time() - start < 60
+
+
+def _start_main(workdir, *flags):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+                           f"--config={QUICKSTART}", f"--workdir={workdir}", *TINY, *flags],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_sigterm_mid_run_exits_75_and_the_final_evaluation_is_not_cut_short(tmp_path,
+                                                                            monkeypatch):
+  """SIGTERM once the loop runs: main.py saves, exits 75 (not 0), and the rerun finishes.
+  In process: SIGTERM during the final evaluation still ends with results.json."""
+  proc = _start_main(tmp_path / "run", "--config.train.epochs=40")
+  output = ""
+  while "quickstart:" not in output:  # tqdm's bar: the SIGTERM handler is installed.
+    line = proc.stdout.readline()
+    assert line, output
+    output += line
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == errors.PREEMPTED_EXIT_CODE, (output + rest)[-2000:]
+  assert "preempted: saved step" in rest
+  assert not (tmp_path / "run" / "results.json").exists()
+
+  config = tiny_config()
+  evaluate_accuracy = train.evaluate_accuracy
+  calls = []
+
+  def sigterm_in_final_eval(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # Epoch 2 of 2: the final evaluation.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate_accuracy(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate_accuracy", sigterm_in_final_eval)
+  results = train.train_and_evaluate(config, tmp_path / "inproc")
+  assert results["steps"] == 6 and (tmp_path / "inproc" / "results.json").exists()
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(trained, tmp_path):
+  """A run killed after logging step 6 but before saving it: the rerun resumes from 4 and
+  metrics.jsonl holds each step's rows once, as the uninterrupted run's."""
+  config, run = _copy(trained, tmp_path)
+  import shutil
+  shutil.rmtree(run / "checkpoints" / "6")
+  train.train_and_evaluate(config, run)
+  steps = lambda w: [json.loads(r)["step"] for r in (w / "metrics.jsonl").read_text().splitlines()]
+  assert steps(run) == steps(trained[1])
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(trained, tmp_path):
+  """main.py killed (SIGKILL) at 3 seeded random moments, each followed by a rerun, ends
+  with the uninterrupted run's parameters, BN statistics, optimizer state and EMA."""
+  workdir = tmp_path / "run"
+  moments = random.Random(0)
+  for _ in range(3):
+    proc = _start_main(workdir)
+    time.sleep(moments.uniform(3, 15))
+    proc.kill()
+    proc.communicate()
+  final = _main(workdir, *TINY, timeout=300)
+  assert final.returncode == 0, final.stderr[-3000:]
+  a, b = _saved_state(trained[1] / "checkpoints", 6), _saved_state(workdir / "checkpoints", 6)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
