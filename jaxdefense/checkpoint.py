@@ -173,9 +173,9 @@ class Checkpointer:
     the directory when the best or the given step does not exist.
 
     A step that fails to restore is skipped for the next older one (for "best": the best,
-    then the others from the newest), with one line saying which step and why. Once an
-    older step restores, the newer failed ones are damaged (the same target restored from
-    an older step) and are moved to `<directory>_damaged/`, not deleted. If none restores,
+    then the others from the newest), with one line saying which step and why. Once another
+    step restores, the failed ones are damaged (the same target restored from another
+    step) and are moved to `<directory>_damaged/`, not deleted. If none restores,
     nothing is moved (the cause may be the target, e.g. another model) and NoIntactCheckpoint
     lists every step tried and why.
     """
