@@ -50,7 +50,9 @@ def get() -> ml_collections.ConfigDict:
   c.optim.nesterov = False
   c.optim.weight_decay = 5e-4
   c.optim.schedule = "piecewise"      # piecewise | cosine | constant
-  c.optim.milestones = (75, 90)       # Epochs after which lr *= decay_factor (piecewise).
+  # Completed epochs after which lr *= decay_factor (piecewise). The authors' scripts drop
+  # from their 1-based epoch 75 and 90 on, i.e. after 74 and 89 completed epochs.
+  c.optim.milestones = (74, 89)
   c.optim.decay_factor = 0.1
 
   c.train = ml_collections.ConfigDict()
@@ -97,9 +99,10 @@ DATASETS = ("cifar10", "cifar100", "svhn")
 
 
 def paper_recipe(arch: str, defense: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
-  """The papers' PGD-AT recipe for `arch` + `defense` on `dataset` (METHOD.md sections 3, 7):
-  SGD 0.9, wd 5e-4, batch 128, 100 epochs, lr 0.1 (SVHN 0.01) x0.1 at 75 and 90, PGD-10
-  at eps 8/255 with step 2/255 (SVHN 1/255), CIFAR pad-crop-flip augmentation."""
+  """The FSR paper's PGD-AT recipe for `arch` + `defense` on `dataset` (wkim97/FSR
+  train.py; METHOD.md sections 3, 7): SGD 0.9, wd 5e-4, batch 128, 100 epochs, lr 0.1
+  (SVHN 0.01) x0.1 from 1-based epoch 75 and 90 on, PGD-10 at eps 8/255 with step 2/255
+  (SVHN 1/255), CIFAR pad-crop-flip augmentation."""
   if dataset not in DATASETS:
     raise ValueError(f"unknown data set {dataset!r} for a paper recipe; allowed: "
                      f"{', '.join(DATASETS)}")

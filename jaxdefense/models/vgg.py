@@ -5,8 +5,9 @@ stage followed by 2x2 max-pooling, then global average pooling and a three-layer
 classifier (512-512-K). Insertion points: `stage<s>.<c>` (output of conv layer c of stage
 s, after its ReLU, before any pooling). Authors' placements: CAS on every layer of stage 5
 (Bai et al.); FSR after stage 4, before its max-pool (Kim et al.). Initialisation as the
-FSR code: He-normal (fan_out) convolutions, N(0, 0.01) Linear weights, zero biases.
-`classifier_batchnorm=True` gives the CAS code's Linear-BN-ReLU classifier instead.
+FSR code: He-normal (fan_out) convolutions, N(0, 0.01) Linear weights, zero biases;
+`init_scheme="torch"` is the CAS code's (PyTorch's defaults, biases included), and
+`classifier_batchnorm=True` its Linear-BN-ReLU classifier.
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import jax.numpy as jnp
 from jaxdefense import conv, defenses
 from jaxdefense.models import common
 
-INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=nn.initializers.normal(0.01),
-                       dense_bias=common.zeros_bias_init)
+INITS = {"fsr": defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=nn.initializers.normal(0.01),
+                               dense_bias=common.zeros_bias_init),
+         "torch": common.TORCH_DEFAULT}
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
 class VGG(common.Backbone):
   stages: tuple[tuple[int, ...], ...] = VGG16_STAGES
   classifier_batchnorm: bool = False
+  init_scheme: str = "fsr"              # fsr | torch (the CAS code's)
 
   def insertion_points(self) -> tuple[str, ...]:
     return tuple(f"stage{s + 1}.{c}" for s, widths in enumerate(self.stages)
@@ -41,7 +44,11 @@ class VGG(common.Backbone):
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
                stochastic_mask: bool | None = None) -> common.ModelOutput:
-    hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
+    if self.init_scheme not in INITS:
+      raise ValueError(f"unknown VGG init_scheme {self.init_scheme!r}; allowed: "
+                       f"{', '.join(INITS)}")
+    inits = INITS[self.init_scheme]
+    hooks = self.hooks(x, labels, train, stochastic_mask, inits)
     min_size = 2 ** len(self.stages)
     if x.shape[1] < min_size or x.shape[2] < min_size:
       raise ValueError(f"VGG with {len(self.stages)} pooling stages needs images of at least "
@@ -49,18 +56,21 @@ class VGG(common.Backbone):
     x = x.astype(self.dtype)
     for s, widths in enumerate(self.stages):
       for c, features in enumerate(widths):
-        x = conv.Conv(features, (3, 3), padding=1, kernel_init=INITS.conv, dtype=self.dtype,
-                    name=f"stage{s + 1}_conv{c}")(x)
+        x = conv.Conv(features, (3, 3), padding=1, kernel_init=inits.conv,
+                      bias_init=inits.dense_bias(9 * x.shape[-1]), dtype=self.dtype,
+                      name=f"stage{s + 1}_conv{c}")(x)
         x = nn.relu(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))
         x = hooks(f"stage{s + 1}.{c}", x)
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = jnp.mean(x, axis=(1, 2))
     for i in range(2):
-      x = nn.Dense(512, kernel_init=INITS.dense_kernel, dtype=self.dtype, name=f"fc{i}")(x)
+      x = nn.Dense(512, kernel_init=inits.dense_kernel,
+                   bias_init=inits.dense_bias(x.shape[-1]), dtype=self.dtype, name=f"fc{i}")(x)
       if self.classifier_batchnorm:
         x = common.batch_norm(train, self.dtype, name=f"fc{i}_bn")(x)
       x = nn.relu(x)
-    logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel, dtype=self.dtype,
+    logits = nn.Dense(self.num_classes, kernel_init=inits.dense_kernel,
+                      bias_init=inits.dense_bias(x.shape[-1]), dtype=self.dtype,
                       name="classifier")(x)
     return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
 

@@ -1,0 +1,29 @@
+r"""The FSR paper's recipe (Kim et al., CVPR 2023; github wkim97/FSR train.py), for FSR and
+for the defenses it compares with, trained the same way.
+
+    python main.py --config=configs/fsr.py:wrn34_10,fsr,cifar10 --workdir=workdirs/fsr_wrn
+    python main.py --config=configs/fsr.py:resnet18,none,svhn --workdir=workdirs/at_resnet18_svhn
+
+The argument is `ARCH,DEFENSE,DATASET`: ARCH resnet18 | wrn34_10 | vgg16, DEFENSE none | cas
+| fsr, DATASET cifar10 | svhn | cifar100. PGD-AT: 100 epochs, batch 128, SGD 0.9, weight
+decay 5e-4, lr 0.1 (SVHN 0.01) x0.1 from 1-based epochs 75 and 90, PGD-10 at eps 8/255,
+step 2/255 (SVHN 1/255), random start; FSR lam_sep = lam_rec = 1, tau 0.1; the last
+epoch is evaluated. `configs/wrn_fsr.py`, `resnet18_fsr.py`, ... are this config for one
+(arch, defense). Not yet run with this code (no GPU was lent where
+it was written); compare `main.py --mode=eval` (its FGSM, PGD-20/100, C&W columns) with the FSR
+paper's tables (not copied here: they could not be checked in the session that wrote it).
+"""
+from jaxdefense import default_config
+
+ARCHS = ("resnet18", "wrn34_10", "vgg16")
+DEFENSES = ("none", "cas", "fsr")
+
+
+def get_config(spec: str = "resnet18,fsr,cifar10"):
+  parts = (spec or "resnet18,fsr,cifar10").split(",")
+  arch, defense, dataset = (parts + ["fsr", "cifar10"][len(parts) - 1:])[:3]
+  if arch not in ARCHS or defense not in DEFENSES or len(parts) > 3:
+    raise ValueError(f"configs/fsr.py takes ARCH,DEFENSE,DATASET with ARCH in "
+                     f"{', '.join(ARCHS)}, DEFENSE in {', '.join(DEFENSES)}, DATASET in "
+                     f"{', '.join(default_config.DATASETS)}; got {spec!r}")
+  return default_config.paper_recipe(arch, defense, dataset)
