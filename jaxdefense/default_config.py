@@ -77,9 +77,13 @@ def get() -> ml_collections.ConfigDict:
   c.eval.batch_size = 200
   c.eval.eps = 8 / 255
   c.eval.seed = 0
-  # fgsm, pgd20, pgd100, pgd20_rs, cw, autoattack, autoattack_rand, adaptive, eot; the
-  # adaptive ones run where they apply (adaptive: CAS / FSR; eot, autoattack_rand: FSR).
-  c.eval.attacks = ("fgsm", "pgd20", "pgd100", "cw", "autoattack", "adaptive", "eot")
+  # fsr | cas | autoattack | full: the attacks of each paper's protocol, RobustBench's, or
+  # all of them with the adaptive ones (jaxdefense.evaluate.PROTOCOLS).
+  c.eval.protocol = "full"
+  # Non-empty: these attacks instead of the protocol's, of fgsm, pgd20, pgd100, pgd20_rs, cw,
+  # cas_fgsm, cas_pgd20, cas_cw, autoattack, autoattack_rand, adaptive, eot; the adaptive ones
+  # run where they apply (adaptive: CAS / FSR; eot, autoattack_rand: FSR).
+  c.eval.attacks = ()
   c.eval.adaptive_steps = 100         # PGD steps on the defense's own training loss.
   c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.
   # AutoAttack's budgets (apgd_ce = APGD-CE, ...), the standard version's by default, e.g.

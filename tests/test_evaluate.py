@@ -39,7 +39,7 @@ def trained_fsr(tmp_path_factory, rolled_attack_loops):
 
 def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
   """Every attack drives a naturally trained model far below its natural accuracy; no
-  robust accuracy exceeds natural; the ensemble is at most every attack; evaluating the
+  robust accuracy exceeds natural; the worst case is at most every attack; evaluating the
   final checkpoint reproduces the natural accuracy training logged; eval.json/eval.md."""
   config, workdir, logged = trained_fsr
   report = evaluate.run(config, workdir, which="latest")
@@ -47,17 +47,17 @@ def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
   natural = r["natural"]["accuracy"]
   assert natural == pytest.approx(logged["natural_accuracy"])
   assert natural > 0.6
-  attacked = {k: v["accuracy"] for k, v in r.items() if k not in ("natural", "ensemble")}
+  attacked = {k: v["accuracy"] for k, v in r.items() if k not in ("natural", "worst_case")}
   assert set(attacked) == set(config.eval.attacks)
   for name, accuracy in attacked.items():
     assert accuracy <= natural, name
     assert accuracy < 0.5 * natural, (name, accuracy, natural)
-    assert r["ensemble"]["accuracy"] <= accuracy
+    assert r["worst_case"]["accuracy"] <= accuracy
   assert r["pgd20"]["num_points"] == 96 and r["pgd20"]["eps"] == 0.1
   saved = json.load(open(os.path.join(workdir, "eval.json")))
-  assert saved["results"]["ensemble"]["accuracy"] == r["ensemble"]["accuracy"]
+  assert saved["results"]["worst_case"]["accuracy"] == r["worst_case"]["accuracy"]
   table = open(os.path.join(workdir, "eval.md")).read()
-  for title in ("Natural", "FGSM", "PGD-20", "C&W", "AA", "Ensemble"):
+  for title in ("Natural", "FGSM", "PGD-20", "C&W", "AA", "Worst case"):
     assert f"| {title}" in table or f" {title} |" in table
 
 
@@ -68,7 +68,7 @@ def test_undefended_model_skips_adaptive_attacks(tmp_path, rolled_attack_loops):
   train.train_and_evaluate(config, str(tmp_path))
   report = evaluate.run(config, str(tmp_path), which="best")
   assert report["results"]["adaptive"]["skipped"] == "not applicable to defense 'none'"
-  assert report["results"]["ensemble"]["attacks"] == ["pgd20"]
+  assert report["results"]["worst_case"]["attacks"] == ["pgd20"]
   with pytest.raises(ValueError, match="unknown eval attack.*'pgd7'.*allowed: fgsm, pgd20"):
     config.eval.attacks = ("pgd7",)
     evaluate.run(config, str(tmp_path))
@@ -102,3 +102,67 @@ def test_normalised_entropy():
   p = np.array([1.0, 3.0])
   q = p / p.sum()
   assert analysis.normalised_entropy(p) == pytest.approx(-(q * np.log(q)).sum() / np.log(2))
+
+
+def test_cas_protocol_loss_is_main_plus_beta_mean_head_loss():
+  """losses.with_cas_heads against a NumPy re-derivation: CE(main) + beta mean_k CE(head_k),
+  and C&W kappa 0 the same way; a model without CAS heads gets the main term alone."""
+  from jaxdefense.attacks import losses
+  from jaxdefense.models import ModelOutput
+  from tests.reference import np_ce
+  rng = np.random.default_rng(0)
+  main, h1, h2 = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(3))
+  labels = np.array([0, 1, 2, 3, 1])
+  out = ModelOutput(main, {"cas/layer4.0": h1, "cas/layer4.1": h2, "fsr/x/robust": main})
+  got = losses.with_cas_heads(losses.cross_entropy, 2.0)(out, labels)
+  np.testing.assert_allclose(got, np_ce(main, labels) + 2.0 * (np_ce(h1, labels)
+                                                               + np_ce(h2, labels)) / 2,
+                             rtol=1e-5)
+
+  def np_cw0(z):
+    true = z[np.arange(5), labels]
+    other = np.where(np.eye(4, dtype=bool)[labels], -np.inf, z).max(-1)
+    return -np.maximum(true - other, 0)
+  got = losses.with_cas_heads(losses.cw(0.0), 2.0)(out, labels)
+  np.testing.assert_allclose(got, np_cw0(main) + (np_cw0(h1) + np_cw0(h2)), rtol=1e-5)
+  plain = losses.with_cas_heads(losses.cross_entropy, 2.0)(ModelOutput(main, {}), labels)
+  np.testing.assert_allclose(plain, np_ce(main, labels), rtol=1e-5)
+
+
+@pytest.mark.parametrize("protocol,attacks,title", [
+    ("fsr", ["fgsm", "pgd20", "pgd100", "cw"], "Ensemble (FSR)"),
+    ("cas", ["cas_fgsm", "cas_pgd20", "cas_cw"], "Worst case"),
+    ("autoattack", ["autoattack"], "Worst case"),
+])
+def test_each_protocol_runs_its_attacks_on_a_cas_model(trained_cas, protocol, attacks, title):
+  """Each protocol's attacks, from its script, on a naturally trained tiny CAS model: every
+  attack below natural, the worst case at most each and far below natural, named as the
+  protocol names it."""
+  config, workdir = trained_cas
+  config.eval.protocol, config.eval.attacks = protocol, ()
+  r = evaluate.run(config, workdir, which="latest")["results"]
+  assert [k for k in r if k not in ("natural", "worst_case")] == attacks
+  natural = r["natural"]["accuracy"]
+  assert natural > 0.6
+  for name in attacks:
+    assert r[name]["accuracy"] < natural, (name, r[name]["accuracy"])
+    assert r["worst_case"]["accuracy"] <= r[name]["accuracy"]
+  assert r["worst_case"]["accuracy"] < 0.5 * natural
+  assert r["worst_case"]["title"] == title
+  assert f"| {title} |" in open(os.path.join(workdir, "eval.md")).read()
+
+
+def test_unknown_protocol_is_named(trained_cas):
+  config, workdir = trained_cas
+  config.eval.protocol = "robustbench"
+  with pytest.raises(ValueError, match="unknown eval.protocol 'robustbench'; allowed: fsr, cas"):
+    evaluate.run(config, workdir)
+
+
+@pytest.fixture(scope="module")
+def trained_cas(tmp_path_factory, rolled_attack_loops):
+  workdir = str(tmp_path_factory.mktemp("cas"))
+  config = _config("cas")
+  config.data.num_test, config.eval.batch_size = 48, 48
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

@@ -81,3 +81,16 @@ def defense_loss(defense: defenses.DefenseConfig) -> LossFn:
     aux, _ = defenses.aux_loss(defense, output.logits, output.aux, labels)
     return cross_entropy(output, labels) + aux
   return loss
+
+
+def with_cas_heads(base: LossFn, beta: float) -> LossFn:
+  """`base` on the main logits + beta x the mean of `base` on each CAS head's logits (the
+  CAS evaluation's attack loss, Bai et al.'s pgd_attack_cifar10_cas.py); `base` alone for a
+  model without CAS heads."""
+  def loss(output: ModelOutput, labels: jax.Array) -> jax.Array:
+    heads = [v for k, v in sorted(output.aux.items()) if k.startswith("cas/")]
+    total = base(output, labels)
+    if heads:
+      total = total + beta * sum(base(ModelOutput(h, {}), labels) for h in heads) / len(heads)
+    return total
+  return loss
