@@ -20,14 +20,19 @@ config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*
 flags.DEFINE_string("workdir", None, "Where the run writes everything (and resumes from).")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze"],
                   "train (resumes if the workdir has a checkpoint), eval, or analyze.")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                  "Which checkpoint --mode=eval/analyze loads.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "last", "latest"],
+                  "Which checkpoint --mode=eval/analyze loads: the best by the in-training "
+                  "PGD (config.eval_pgd; for CAS on its own loss), or the last (= latest).")
 flags.DEFINE_string("coordinator", None,
                     "host:port of process 0 for multi-host runs (else single process, or "
                     "JAXDEFENSE_DISTRIBUTED=1 on clusters JAX detects by itself).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _which(checkpoint: str) -> str:
+  return "latest" if checkpoint == "last" else checkpoint
 
 
 def main(argv):
@@ -45,10 +50,10 @@ def main(argv):
         sys.exit(errors.PREEMPTED_EXIT_CODE)
     elif FLAGS.mode == "eval":
       from jaxdefense import evaluate
-      evaluate.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+      evaluate.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
     else:
       from jaxdefense import analysis
-      analysis.run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+      analysis.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
   except errors.RunError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

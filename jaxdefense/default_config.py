@@ -66,11 +66,13 @@ def get() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3
 
-  c.eval_pgd = ml_collections.ConfigDict()  # The in-training robust accuracy (PGD-20).
+  # The in-training robust accuracy (PGD-20), which also ranks checkpoints for "best".
+  c.eval_pgd = ml_collections.ConfigDict()
   c.eval_pgd.eps = 8 / 255
   c.eval_pgd.step_size = 2 / 255
   c.eval_pgd.steps = 20
   c.eval_pgd.random_start = True
+  c.eval_pgd.loss = "auto"            # auto (CAS: its own loss; else CE) | ce | defense
 
   c.eval = ml_collections.ConfigDict()  # --mode=eval (METHOD.md section 4).
   c.eval.num_examples = 0             # The first N test points (0 = all).

@@ -113,14 +113,37 @@ def train_step(state: TrainState, batch: dict, *, objective: objectives.Objectiv
                        opt_state=opt_state, ema=ema), metrics
 
 
+EVAL_PGD_LOSSES = ("auto", "ce", "defense")
+
+
+def eval_pgd_loss(config: ml_collections.ConfigDict) -> attacks.losses.LossFn:
+  """The in-training PGD's loss, which also picks the "best" checkpoint: `eval_pgd.loss`,
+  "auto" being the defense's own loss for CAS (whose eval-mode mask, chosen by its own
+  head, blunts the main CE's gradient: plain PGD overstates its robustness) and the CE
+  for the others (FSR's own loss is the weaker attack on it)."""
+  loss = config.eval_pgd.get("loss", "auto")
+  if loss not in EVAL_PGD_LOSSES:
+    raise ValueError(f"unknown eval_pgd.loss {loss!r}; allowed: {', '.join(EVAL_PGD_LOSSES)}")
+  if loss == "defense" or (loss == "auto" and config.defense.name == "cas"):
+    return attacks.losses.defense_loss(defense_config(config))
+  return attacks.losses.cross_entropy
+
+
+def eval_pgd_title(config: ml_collections.ConfigDict) -> str:
+  p = config.eval_pgd
+  on_defense = eval_pgd_loss(config) is not attacks.losses.cross_entropy
+  return f"PGD-{p.steps}" + (f" on the {config.defense.name.upper()} loss" if on_defense else "")
+
+
 def eval_step(variables: dict, batch: dict, key: jax.Array, *, model,
-              pgd: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """Counts of points correct naturally and under PGD (the model as deployed)."""
+              pgd: ml_collections.ConfigDict,
+              loss: attacks.losses.LossFn = attacks.losses.cross_entropy) -> dict[str, jax.Array]:
+  """Counts of points correct naturally and under PGD on `loss` (the model as deployed)."""
   x = data.to_float(batch["images"])
   labels, valid = batch["labels"], batch["mask"]
   deployed = attacks.deployed(model, variables)
   x_adv = attacks.pgd(deployed, x, labels, key, eps=pgd.eps, step_size=pgd.step_size,
-                      steps=pgd.steps, random_start=pgd.random_start)
+                      steps=pgd.steps, random_start=pgd.random_start, loss=loss)
   correct = lambda v: jnp.sum((jnp.argmax(deployed(v).logits, -1) == labels) & valid)
   return {"natural": correct(x), "pgd": correct(x_adv), "count": jnp.sum(valid)}
 
@@ -139,6 +162,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   attack_config(config)
   if config.eval_pgd.eps < 0:
     raise ValueError(f"eval_pgd.eps must be >= 0, got {config.eval_pgd.eps}")
+  eval_pgd_loss(config)
   if config.train.epochs < 1:
     raise ValueError(f"train.epochs must be >= 1, got {config.train.epochs}")
   if not 0 <= config.train.ema_decay < 1:
@@ -266,7 +290,8 @@ def _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writ
   augment = functools.partial(data.augment, **data.augmentation_for(dataset.name))
   step_fn = jax.jit(functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                                       augment=augment, ema_decay=ema_decay), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, pgd=config.eval_pgd))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, pgd=config.eval_pgd,
+                                      loss=eval_pgd_loss(config)))
   eval_images, eval_labels = _eval_subset(dataset, config.train.get("eval_examples"))
   use_ema = ema_decay > 0
 
@@ -276,7 +301,7 @@ def _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writ
     writer.write(step, {f"eval/{k}": v for k, v in result.items()}, epoch=epoch)
     if is_main:
       print(f"step {step} (epoch {epoch}): natural {100 * result['natural_accuracy']:.2f}%  "
-            f"PGD-{config.eval_pgd.steps} {100 * result['pgd_accuracy']:.2f}% "
+            f"{eval_pgd_title(config)} {100 * result['pgd_accuracy']:.2f}% "
             f"on {result['num_examples']} test points", flush=True)
     return result
 
@@ -359,7 +384,7 @@ def _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writ
   results = {"config": config.get("name", ""), "epochs": config.train.epochs, "steps": step,
              "natural_accuracy": last_eval["natural_accuracy"],
              "robust_accuracy": last_eval["pgd_accuracy"],
-             "robust_attack": f"PGD-{config.eval_pgd.steps}",
+             "robust_attack": eval_pgd_title(config),
              "num_examples": last_eval["num_examples"], "ema": use_ema}
   if is_main:
     paths.write_text(workdir / "results.json", json.dumps(results, indent=2))

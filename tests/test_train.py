@@ -229,3 +229,24 @@ def test_train_eval_and_analyze_on_a_gs_workdir(tmp_path, monkeypatch):
   assert os.listdir(bucket / "tensorboard")
   assert not [f for f in written if ".tmp-" in f]
   assert not (tmp_path / "gs:").samefile(tmp_path / "orbax") and os.listdir(tmp_path / "orbax")
+
+
+def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
+  """eval_pgd.loss="auto" (which also ranks checkpoints for --checkpoint=best): CAS's own
+  loss for CAS, the CE otherwise; "ce" and "defense" force either; others are refused."""
+  from jaxdefense.attacks import losses
+  from jaxdefense.models import ModelOutput
+  cas, none = tiny_config("cas"), tiny_config()
+  assert train.eval_pgd_loss(none) is losses.cross_entropy
+  assert train.eval_pgd_title(none) == "PGD-2"
+  logits = np.array([[2.0, 0.0, -1.0]], np.float32)
+  out = ModelOutput(logits, {"cas/layer2.0": np.array([[0.0, 3.0, 0.0]], np.float32)})
+  labels = np.array([0])
+  ce = float(losses.cross_entropy(out, labels)[0])
+  assert float(train.eval_pgd_loss(cas)(out, labels)[0]) > ce + 1  # + 2 x head CE (~3)
+  assert train.eval_pgd_title(cas) == "PGD-2 on the CAS loss"
+  cas.eval_pgd.loss = "ce"
+  assert train.eval_pgd_loss(cas) is losses.cross_entropy
+  cas.eval_pgd.loss = "margin"
+  with pytest.raises(ValueError, match="unknown eval_pgd.loss 'margin'; allowed: auto, ce"):
+    train.eval_pgd_loss(cas)
