@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -159,17 +160,39 @@ def _read_records(source: Any, keys: list[int]) -> Sequence[dict[str, Any]]:
     return [source[k] for k in keys]
 
 
+def _index_in_split(record_id: Any) -> int | None:
+  """The original index in a TFDS `id` such as b"test_00042" (CIFAR's ids count the
+  source files' images in order, as torchvision reads them); None if it has none."""
+  text = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+  match = re.search(r"(\d+)$", text)
+  return int(match.group(1)) if match else None
+
+
 def _read_split(source: Any, count: int,
                 image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` records of an array_record data source as (uint8 images, int32 labels)."""
-  images = np.empty((count, *image_shape), np.uint8)
-  labels = np.empty(count, np.int32)
-  for start in range(0, count, _READ_CHUNK):
-    records = _read_records(source, list(range(start, min(count, start + _READ_CHUNK))))
+  """The first `count` points of a split of an array_record data source, in canonical order,
+  as (uint8 images, int32 labels).
+
+  TFDS shuffles records when it builds a data set, so record order is not the original
+  one. Where records carry an `id` with the original index (CIFAR-10/100), every record
+  is read and sorted by it, so that "the first N test points" are torchvision's and
+  RobustBench's first N. Otherwise (SVHN has no id; ids of tfds's mock data hold no index)
+  the record order is kept."""
+  total = len(source)
+  images = np.empty((total, *image_shape), np.uint8)
+  labels = np.empty(total, np.int32)
+  indices: list[int | None] = []
+  for start in range(0, total, _READ_CHUNK):
+    records = _read_records(source, list(range(start, min(total, start + _READ_CHUNK))))
     for i, record in enumerate(records, start):
       images[i] = record["image"]
       labels[i] = record["label"]
-  return images, labels
+      indices.append(_index_in_split(record["id"]) if "id" in record else None)
+  order = np.arange(total)
+  if None not in indices and len(set(indices)) == total:
+    order = np.argsort(np.asarray(indices), kind="stable")
+  keep = order[:count]
+  return images[keep], labels[keep]
 
 
 def from_tfds(name: str, *, data_dir: str | os.PathLike | None = None,

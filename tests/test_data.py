@@ -52,7 +52,8 @@ def _png(image: np.ndarray) -> bytes:
 
 def test_tfds_prepared_array_record(tmp_path, monkeypatch):
   """A real (non-mock) array_record `cifar10`, written without TensorFlow, reads back exactly
-  through the batched path, across several read chunks."""
+  through the batched path, across several read chunks, in the original (canonical) order
+  that TFDS's shuffle lost: record ids `test_00000`, ... hold it, as in TFDS's CIFAR."""
   from tensorflow_datasets.image_classification import cifar
 
   rng = np.random.default_rng(0)
@@ -71,19 +72,22 @@ def test_tfds_prepared_array_record(tmp_path, monkeypatch):
       def _examples(self, split):
         images, labels = originals[split]
         for i in range(len(labels)):
-          yield f"{split}{i}", {"id": f"{split}{i}", "image": _png(images[i]),
-                                "label": int(labels[i])}
+          yield i, {"id": f"{split}_{i:05d}", "image": _png(images[i]),
+                    "label": int(labels[i])}
 
   FakeCifar10(data_dir=tmp_path, file_format="array_record").download_and_prepare()
   monkeypatch.setattr(data, "_READ_CHUNK", 16)
   ds = data.load("cifar10", data_dir=tmp_path)
   for split in originals:
     images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-    order = np.argsort(images[:, 0, 0, 0])
-    np.testing.assert_array_equal(images[order], originals[split][0])
-    np.testing.assert_array_equal(labels[order], originals[split][1])
+    np.testing.assert_array_equal(images, originals[split][0])
+    np.testing.assert_array_equal(labels, originals[split][1])
     assert labels.dtype == np.int32
-  assert data.load("cifar10", data_dir=tmp_path, num_train=17).train_images.shape[0] == 17
+  source = tfds.builder("cifar10", data_dir=tmp_path).as_data_source(split="test")
+  assert [int(source[i]["image"][0, 0, 0]) for i in range(9)] != list(range(9))  # Shuffled.
+  first = data.load("cifar10", data_dir=tmp_path, num_train=17, num_test=4)
+  np.testing.assert_array_equal(first.train_images, originals["train"][0][:17])
+  np.testing.assert_array_equal(first.test_labels, originals["test"][1][:4])
 
   # The same data set as TensorFlow's tfrecord: prepared, but not readable here.
   info = next(tmp_path.glob("cifar10/*/dataset_info.json"))
