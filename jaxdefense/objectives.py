@@ -139,7 +139,9 @@ def _combine(defense, nat, adv, labels, natural_term, robust, beta, metrics, sta
 
 def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
   """Zhang et al.: CE(f(x), y) + beta KL(f(x) || f(x')), x' maximising that KL from
-  x + 0.001 N(0, 1). With CAS (Bai et al.'s trades_reg): + CAS-beta * mean CAS CE on x in
+  x + 0.001 N(0, 1); BatchNorm's running statistics updated on x, x', x as the original
+  code's three train-mode passes do. With CAS (Bai et al.'s trades_reg; two passes, x and
+  x'): + CAS-beta * mean CAS CE on x in
   the natural part and + CAS-beta * mean_k KL(CAS_k(x) || CAS_k(x')) in the robust part,
   also in the attack's KL. With FSR: + its auxiliary loss on x'."""
   start_key, nat_key, adv_key = jax.random.split(rng, 3)
@@ -159,6 +161,11 @@ def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
   x_adv = jax.lax.stop_gradient(x_adv)
   nat, stats = _forward_train(model, params, batch_stats, x, labels, nat_key)
   adv, stats = _forward_train(model, params, stats, x_adv, labels, adv_key)
+  if defense.name != "cas":
+    # The original TRADES (trades.py) takes the KL's f(x) from a third train-mode forward
+    # pass: the same logits as `nat` (batch statistics, same rng), one more update of
+    # BatchNorm's running statistics. CAS's trades_reg makes two passes.
+    _, stats = _forward_train(model, params, stats, x, labels, nat_key)
   ce = jnp.mean(_ce(nat.logits, labels))
   robust = jnp.mean(losses.kl_divergence(nat.logits, adv.logits))
   metrics = {"ce": ce, "kl": robust}

@@ -113,3 +113,26 @@ def test_unknown_objective_and_bad_attack():
     objectives.AttackConfig(eps=-0.1)
   with pytest.raises(ValueError, match="unknown objective.attack.loss 'kl'"):
     objectives.AttackConfig(loss="kl")
+
+
+@pytest.mark.parametrize("defense_name,passes", [("none", 3), ("cas", 2)])
+def test_trades_updates_batch_norm_as_the_authors_code(defense_name, passes, setup,
+                                                       monkeypatch):
+  """Plain TRADES updates BatchNorm's running statistics on x, x', x (the original code's
+  three train-mode passes), TRADES + CAS on x, x' (CAS's trades_reg). With x' = x every
+  pass sees the same batch statistics mu, so after k passes running = 0.9^k r0 +
+  (1 - 0.9^k) mu, mu read off one pass."""
+  x, _, labels = setup
+  model, defense, v = _model(defense_name)
+  monkeypatch.setattr(objectives.attacks, "pgd", lambda *a, **k: x)
+  fn = objectives.make("trades", model, defense, objectives.AttackConfig(steps=1))
+  _, (_, stats) = fn(v["params"], v["batch_stats"], {"images": x, "labels": labels},
+                     jax.random.key(3))
+  _, one = model.apply(v, x, labels, train=True, rngs={"gumbel": jax.random.key(0)},
+                       mutable=["batch_stats"])
+  for r0, r1, got in zip(jax.tree.leaves(v["batch_stats"]), jax.tree.leaves(one["batch_stats"]),
+                         jax.tree.leaves(stats)):
+    r0, r1 = np.asarray(r0, np.float64), np.asarray(r1, np.float64)
+    mu = (r1 - 0.9 * r0) / 0.1
+    np.testing.assert_allclose(got, 0.9 ** passes * r0 + (1 - 0.9 ** passes) * mu,
+                               rtol=2e-4, atol=1e-5)
