@@ -5,8 +5,12 @@ point (the defended ones; the CAS placement for an undefended model), the mean a
 magnitude per channel on natural and on PGD examples, its uniformity (normalised entropy of
 the channel-magnitude distribution: 1 = all channels equally active), and for FSR the
 fraction of activations its mask marks non-robust (m < 0.5) on natural vs adversarial
-inputs. Numbers go to `DIR/analysis.json`; sorted bar plots to `DIR/analysis_<site>.png`
-when matplotlib is installed (`pip install -e ".[plot]"`).
+inputs; and the CAS paper's activation frequency exactly as its script measures it (the
+site's input, before the mask; the images of one class, `analysis.class_index`; a channel
+active when its spatial mean exceeds 1% of the sample's largest; natural vs PGD-20 on the
+CAS loss). Numbers go to `DIR/analysis.json`; sorted bar plots to
+`DIR/analysis_<site>.png` and `DIR/analysis_frequency_<site>.png` when matplotlib is
+installed (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
 
@@ -55,6 +59,64 @@ def _statistics(model, variables, x, weight, sites):
       out[name] = {"non_robust": jnp.sum((mask < 0.5) * w),
                    "total": jnp.sum(weight) * np.prod(mask.shape[1:])}
   return out
+
+
+# The CAS paper's activation frequency (ActivationAnalysis/freq_dis_resnet18_reg.py): a
+# channel of a sample is active when its spatial mean exceeds this fraction of the sample's
+# largest channel mean.
+ACTIVE_FRACTION = 0.01
+
+
+def active_channels(features: jax.Array) -> jax.Array:
+  """(N, C) booleans: channel c of sample n is active, mean_hw f[n, :, :, c] > 1% of
+  max_c' mean_hw f[n, :, :, c'] (Bai et al.'s activation frequency)."""
+  means = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+  return means > ACTIVE_FRACTION * jnp.max(means, axis=-1, keepdims=True)
+
+
+def _frequency(model, variables, x, weight, sites):
+  """Per site, how many (weighted) samples activate each channel of the site's input,
+  i.e. before the defense's mask, as the CAS paper's hook on layer4[1]'s ReLU sees it."""
+  _, state = model.apply(variables, x, train=False, mutable=["features"])
+  return {site: jnp.sum(active_channels(state["features"][f"{site}/input"][0])
+                        * weight[:, None], axis=0) for site in sites}
+
+
+def activation_frequency(config: ml_collections.ConfigDict, model, variables,
+                         images: np.ndarray, labels: np.ndarray, mesh) -> dict[str, Any]:
+  """The CAS paper's Figure 2 for the images of class `config.analysis.class_index`: per
+  analysed site, how many images activate each channel, natural vs PGD-20 (random start,
+  step 0.003 at eps 0.031, scaled with `eval.eps`; on main CE + CAS beta x mean CAS-head CE
+  for CAS models, as its script attacks)."""
+  sites = analysed_sites(model)
+  eps, steps = config.eval.eps, 20
+  loss = attacks.losses.with_cas_heads(attacks.losses.cross_entropy, config.defense.beta)
+  chosen = config.analysis.class_index
+
+  @jax.jit
+  def step(variables, batch, key):
+    x = data.to_float(batch["images"])
+    x_adv = attacks.pgd(attacks.deployed(model, variables), x, batch["labels"], key,
+                        eps=eps, step_size=eps * 0.003 / 0.031, steps=steps,
+                        random_start=True, loss=loss)
+    weight = (batch["mask"] & (batch["labels"] == chosen)).astype(jnp.float32)
+    return (_frequency(model, variables, x, weight, sites),
+            _frequency(model, variables, x_adv, weight, sites), jnp.sum(weight))
+
+  totals = None
+  for i, (x, y, mask) in enumerate(data.eval_batches(
+      images, labels, config.eval.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
+    counts = jax.device_get(step(variables, batch, jax.random.fold_in(
+        jax.random.key(config.eval.seed + 1), i)))
+    totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
+  natural, adversarial, count = totals
+  return {"class_index": chosen, "num_images": int(count), "attack": f"PGD-{steps}",
+          "eps": eps, "active_fraction": ACTIVE_FRACTION,
+          "sites": {site: {"natural": np.asarray(natural[site]).astype(int).tolist(),
+                           "adversarial": np.asarray(adversarial[site]).astype(int).tolist()}
+                    for site in sites}}
 
 
 def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
@@ -132,6 +194,27 @@ def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
     path = workdir / f"analysis_{site}.png"
     paths.write_bytes(path, png.getvalue())
     written.append(path)
+  frequency = report.get("activation_frequency")
+  for site, entry in (frequency or {}).get("sites", {}).items():
+    nat, adv = np.asarray(entry["natural"]), np.asarray(entry["adversarial"])
+    order = np.argsort(-nat, kind="stable")
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(np.arange(len(nat)), nat[order], width=1.0, color="royalblue", label="natural")
+    ax.bar(np.arange(len(adv)), adv[order], width=1.0, color="indianred", alpha=0.7,
+           label=frequency["attack"])
+    ax.set_ylim(0, max(frequency["num_images"], 1))
+    ax.set_xlabel("channel (sorted by natural frequency)")
+    ax.set_ylabel("number of activations")
+    ax.set_title(f"{site} (before the mask), class {frequency['class_index']}, "
+                 f"{frequency['num_images']} images")
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    path = workdir / f"analysis_frequency_{site}.png"
+    paths.write_bytes(path, png.getvalue())
+    written.append(path)
   return written
 
 
@@ -147,6 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   n = config.eval.num_examples or len(dataset.test_labels)
   report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],
                    mesh)
+  report["activation_frequency"] = activation_frequency(
+      config, model, variables, dataset.test_images[:n], dataset.test_labels[:n], mesh)
   report.update(checkpoint=which, step=step, defense=config.defense.name)
   if jax.process_index() == 0:
     paths.write_text(workdir / "analysis.json", json.dumps(report, indent=2))
@@ -159,5 +244,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
       print(f"FSR mask {name}: non-robust fraction natural "
             f"{entry['natural_non_robust_fraction']:.4f} adversarial "
             f"{entry['adversarial_non_robust_fraction']:.4f}", flush=True)
+    frequency = report["activation_frequency"]
+    for site, entry in frequency["sites"].items():
+      print(f"{site} (before the mask), class {frequency['class_index']}, "
+            f"{frequency['num_images']} images: channels active in at least half of them, "
+            f"natural {int(np.sum(np.asarray(entry['natural']) * 2 >= frequency['num_images']))}"
+            f", adversarial "
+            f"{int(np.sum(np.asarray(entry['adversarial']) * 2 >= frequency['num_images']))} of "
+            f"{len(entry['natural'])}", flush=True)
     plot(report, workdir)
   return report

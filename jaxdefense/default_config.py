@@ -98,6 +98,9 @@ def get() -> ml_collections.ConfigDict:
       "fab_t": {"steps": 100, "restarts": 1, "n_target": 9},
       "square": {"queries": 5000, "restarts": 1, "p_init": 0.8},
   })
+
+  c.analysis = ml_collections.ConfigDict()  # --mode=analyze.
+  c.analysis.class_index = 0          # The class whose images the activation frequency uses.
   return c
 
 

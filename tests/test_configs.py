@@ -108,7 +108,8 @@ def test_recipe_resolves_to_the_authors_script(name, argument):
 
 
 def test_cas_vgg16_places_cas_on_stage5_with_the_cas_codes_classifier():
-  c = load("cas", "vgg16,pgd_at")
+  c = load("vgg16_cas")
+  assert flat(c) == flat(load("cas", "vgg16,pgd_at"))
   model = models.create(c.model.arch, num_classes=10, **dict(c.model.kwargs))
   assert model.default_sites("cas") == ("stage5.*",)
   assert model.classifier_batchnorm and model.init_scheme == "torch"

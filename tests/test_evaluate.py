@@ -94,6 +94,23 @@ def test_analysis(trained_fsr):
   assert 0 <= fractions["natural_non_robust_fraction"] <= 1
   assert json.load(open(os.path.join(workdir, "analysis.json")))["sites"].keys() == {"layer2.0"}
   assert os.path.exists(os.path.join(workdir, "analysis_layer2.0.png"))
+  frequency = report["activation_frequency"]
+  images = int(np.sum(train.load_data(config).test_labels == 0))  # Class 0 of the 96.
+  assert frequency["class_index"] == 0 and frequency["num_images"] == images > 0
+  for kind in ("natural", "adversarial"):
+    counts = np.asarray(frequency["sites"]["layer2.0"][kind])
+    assert counts.shape == (16,) and counts.min() >= 0 and counts.max() <= images
+  assert os.path.exists(os.path.join(workdir, "analysis_frequency_layer2.0.png"))
+
+
+def test_active_channels_against_numpy():
+  """Bai et al.'s activation frequency: channel active iff its spatial mean > 1% of the
+  sample's largest channel mean (negative means, from pre-ReLU sites, are never active)."""
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(5, 3, 3, 8)).astype(np.float32) * rng.uniform(0, 2, (1, 1, 1, 8))
+  means = f.mean(axis=(1, 2))
+  np.testing.assert_array_equal(analysis.active_channels(f),
+                                means > 0.01 * means.max(-1, keepdims=True))
 
 
 def test_normalised_entropy():
