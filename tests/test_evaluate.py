@@ -146,10 +146,26 @@ def test_cas_protocol_loss_is_main_plus_beta_mean_head_loss():
   np.testing.assert_allclose(plain, np_ce(main, labels), rtol=1e-5)
 
 
+def test_protocols_resolve_to_their_attacks():
+  """Each protocol's list (the autoattack one is run by the suite test above); a non-empty
+  eval.attacks replaces it."""
+  config = _config("cas")
+  config.eval.attacks = ()
+  expected = {"fsr": ("fgsm", "pgd20", "pgd100", "cw"),
+              "cas": ("cas_fgsm", "cas_pgd20", "cas_cw"), "autoattack": ("autoattack",)}
+  for protocol, names in expected.items():
+    config.eval.protocol = protocol
+    assert evaluate.attack_names(config) == names
+  config.eval.protocol = "full"
+  assert set(evaluate.attack_names(config)) == set(evaluate.suite(config)) - {
+      "pgd20_rs", "autoattack_rand"}
+  config.eval.attacks = ("pgd20",)
+  assert evaluate.attack_names(config) == ("pgd20",)
+
+
 @pytest.mark.parametrize("protocol,attacks,title", [
     ("fsr", ["fgsm", "pgd20", "pgd100", "cw"], "Ensemble (FSR)"),
     ("cas", ["cas_fgsm", "cas_pgd20", "cas_cw"], "Worst case"),
-    ("autoattack", ["autoattack"], "Worst case"),
 ])
 def test_each_protocol_runs_its_attacks_on_a_cas_model(trained_cas, protocol, attacks, title):
   """Each protocol's attacks, from its script, on a naturally trained tiny CAS model: every
