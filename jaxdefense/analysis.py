@@ -74,6 +74,19 @@ def active_channels(features: jax.Array) -> jax.Array:
   return means > ACTIVE_FRACTION * jnp.max(means, axis=-1, keepdims=True)
 
 
+def _summed_over_batches(step, variables, images: np.ndarray, labels: np.ndarray,
+                         config: ml_collections.ConfigDict, mesh, *, seed: int) -> Any:
+  """`step(variables, batch, key)`'s outputs summed over the evaluation batches."""
+  totals = None
+  for i, (x, y, mask) in enumerate(data.eval_batches(
+      images, labels, config.eval.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
+    out = jax.device_get(step(variables, batch, jax.random.fold_in(jax.random.key(seed), i)))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  return totals
+
+
 def _frequency(model, variables, x, weight, sites):
   """Per site, how many (weighted) samples activate each channel of the site's input,
   i.e. before the defense's mask, as the CAS paper's hook on layer4[1]'s ReLU sees it."""
@@ -103,15 +116,8 @@ def activation_frequency(config: ml_collections.ConfigDict, model, variables,
     return (_frequency(model, variables, x, weight, sites),
             _frequency(model, variables, x_adv, weight, sites), jnp.sum(weight))
 
-  totals = None
-  for i, (x, y, mask) in enumerate(data.eval_batches(
-      images, labels, config.eval.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())):
-    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
-    counts = jax.device_get(step(variables, batch, jax.random.fold_in(
-        jax.random.key(config.eval.seed + 1), i)))
-    totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
-  natural, adversarial, count = totals
+  natural, adversarial, count = _summed_over_batches(step, variables, images, labels,
+                                                    config, mesh, seed=config.eval.seed + 1)
   return {"class_index": chosen, "num_images": int(count), "attack": f"PGD-{steps}",
           "eps": eps, "active_fraction": ACTIVE_FRACTION,
           "sites": {site: {"natural": np.asarray(natural[site]).astype(int).tolist(),
@@ -135,15 +141,8 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
     return (_statistics(model, variables, x, weight, sites),
             _statistics(model, variables, x_adv, weight, sites), jnp.sum(weight))
 
-  totals = None
-  for i, (x, y, mask) in enumerate(data.eval_batches(
-      images, labels, config.eval.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())):
-    batch = parallel.shard_batch(mesh, {"images": x, "labels": y, "mask": mask})
-    stats = jax.device_get(step(variables, batch, jax.random.fold_in(
-        jax.random.key(config.eval.seed), i)))
-    totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
-  natural, adversarial, count = totals
+  natural, adversarial, count = _summed_over_batches(step, variables, images, labels,
+                                                    config, mesh, seed=config.eval.seed)
   report: dict[str, Any] = {"num_examples": int(count), "attack": f"PGD-{pgd.steps}",
                             "eps": pgd.eps, "sites": {}}
   for site in sites:
