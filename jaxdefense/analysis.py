@@ -164,6 +164,18 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
   return report
 
 
+def _save(fig, path: epath.Path) -> epath.Path:
+  """A figure's legend and layout done, written as a PNG through epath, closed."""
+  import matplotlib.pyplot as plt
+  fig.axes[0].legend()
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  plt.close(fig)
+  paths.write_bytes(path, png.getvalue())
+  return path
+
+
 def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
   """Per site, channels sorted by natural magnitude, natural vs adversarial bars (PNG)."""
   try:
@@ -185,14 +197,7 @@ def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
     ax.set_ylabel("mean |activation|")
     ax.set_title(f"{site}: uniformity natural {entry['natural']['uniformity']:.3f}, "
                  f"adversarial {entry['adversarial']['uniformity']:.3f}")
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    path = workdir / f"analysis_{site}.png"
-    paths.write_bytes(path, png.getvalue())
-    written.append(path)
+    written.append(_save(fig, workdir / f"analysis_{site}.png"))
   frequency = report.get("activation_frequency")
   for site, entry in (frequency or {}).get("sites", {}).items():
     nat, adv = np.asarray(entry["natural"]), np.asarray(entry["adversarial"])
@@ -206,14 +211,7 @@ def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
     ax.set_ylabel("number of activations")
     ax.set_title(f"{site} (before the mask), class {frequency['class_index']}, "
                  f"{frequency['num_images']} images")
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    path = workdir / f"analysis_frequency_{site}.png"
-    paths.write_bytes(path, png.getvalue())
-    written.append(path)
+    written.append(_save(fig, workdir / f"analysis_frequency_{site}.png"))
   return written
 
 
