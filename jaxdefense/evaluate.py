@@ -158,6 +158,12 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   }
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every entry of every array of `tree` is finite (one device computation)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Before any data is loaded: the workdir has checkpoints, of a model this config builds."""
   directory = workdir / "checkpoints"
@@ -187,7 +193,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, wh
   finally:
     ckpt.close()
   variables = state.variables(use_ema=ema)
-  if not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(variables)):
+  if not bool(_all_finite(variables)):
     raise errors.NoIntactCheckpoint(
         f"checkpoint step {step} in {directory} holds non-finite parameters (a diverged "
         "run); evaluate another step or retrain")

@@ -121,10 +121,9 @@ def parameter_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes `config.json` on a workdir's first training; later runs check against it."""
+  """Writes `config.json` on a workdir's first training (later runs `check_config`)."""
   path = workdir / CONFIG
   if path.exists():
-    check_config(workdir, config)
     return
   paths.write_text(path, json.dumps({"parameter_fields": parameter_fields(config),
                                      "config": json.loads(config.to_json_best_effort())},

@@ -4,9 +4,8 @@ event files. Only process 0 writes; the others get a writer that does nothing.
 The JSON-lines file is rewritten whole and atomically at each write (through
 `jaxdefense.paths`), which works on object stores such as `gs://`, where a file cannot be
 appended to. TensorBoard events go through tensorboardX, which writes `gs://` with
-google-cloud-storage (`pip install -e ".[gcs]"`); the writer is opened at construction, so
-a remote workdir it cannot write fails at start-up (`check_supported`), not at the first
-log step. A resumed run drops what a killed run logged after its checkpoint: JSON rows past
+google-cloud-storage (`pip install -e ".[gcs]"`); `check_supported`, called where a run
+starts, fails for a remote workdir it cannot write, not at the first log step. A resumed run drops what a killed run logged after its checkpoint: JSON rows past
 `resume_step`, and TensorBoard events through tensorboardX's purge step.
 """
 from __future__ import annotations

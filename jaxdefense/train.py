@@ -116,23 +116,28 @@ def train_step(state: TrainState, batch: dict, *, objective: objectives.Objectiv
 EVAL_PGD_LOSSES = ("auto", "ce", "defense")
 
 
-def eval_pgd_loss(config: ml_collections.ConfigDict) -> attacks.losses.LossFn:
-  """The in-training PGD's loss, which also picks the "best" checkpoint: `eval_pgd.loss`,
-  "auto" being the defense's own loss for CAS (whose eval-mode mask, chosen by its own
-  head, blunts the main CE's gradient: plain PGD overstates its robustness) and the CE
-  for the others (FSR's own loss is the weaker attack on it)."""
+def _eval_pgd_on_defense_loss(config: ml_collections.ConfigDict) -> bool:
+  """Whether the in-training PGD, which also picks the "best" checkpoint, attacks the
+  defense's own loss: `eval_pgd.loss`, "auto" meaning yes for CAS (whose eval-mode mask,
+  chosen by its own head, blunts the main CE's gradient: plain PGD overstates its
+  robustness) and no for the others (FSR's own loss is the weaker attack on it)."""
   loss = config.eval_pgd.get("loss", "auto")
   if loss not in EVAL_PGD_LOSSES:
     raise ValueError(f"unknown eval_pgd.loss {loss!r}; allowed: {', '.join(EVAL_PGD_LOSSES)}")
-  if loss == "defense" or (loss == "auto" and config.defense.name == "cas"):
+  return loss == "defense" or (loss == "auto" and config.defense.name == "cas")
+
+
+def eval_pgd_loss(config: ml_collections.ConfigDict) -> attacks.losses.LossFn:
+  """The in-training PGD's loss (`_eval_pgd_on_defense_loss`)."""
+  if _eval_pgd_on_defense_loss(config):
     return attacks.losses.defense_loss(defense_config(config))
   return attacks.losses.cross_entropy
 
 
 def eval_pgd_title(config: ml_collections.ConfigDict) -> str:
-  p = config.eval_pgd
-  on_defense = eval_pgd_loss(config) is not attacks.losses.cross_entropy
-  return f"PGD-{p.steps}" + (f" on the {config.defense.name.upper()} loss" if on_defense else "")
+  on_defense = _eval_pgd_on_defense_loss(config)
+  return (f"PGD-{config.eval_pgd.steps}"
+          + (f" on the {config.defense.name.upper()} loss" if on_defense else ""))
 
 
 def eval_step(variables: dict, batch: dict, key: jax.Array, *, model,
@@ -162,7 +167,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   attack_config(config)
   if config.eval_pgd.eps < 0:
     raise ValueError(f"eval_pgd.eps must be >= 0, got {config.eval_pgd.eps}")
-  eval_pgd_loss(config)
+  _eval_pgd_on_defense_loss(config)
   if config.train.epochs < 1:
     raise ValueError(f"train.epochs must be >= 1, got {config.train.epochs}")
   if not 0 <= config.train.ema_decay < 1:
