@@ -222,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   evaluate.check_workdir(config, workdir)
   dataset = train.load_data(config)
   model = train.build_model(config, dataset.num_classes)
-  variables, step = evaluate.restore_variables(config, workdir, which, model,
+  variables, step = train.restore_variables(config, workdir, which, model,
                                                dataset.image_shape, mesh)
   n = config.eval.num_examples or len(dataset.test_labels)
   report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],

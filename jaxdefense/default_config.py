@@ -13,6 +13,9 @@ def get() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "default"
   c.seed = 0
+  # A workdir whose latest checkpoint initialises a fresh training (one trained here, or
+  # PyTorch weights imported by `python -m jaxdefense.convert import`): fine-tuning.
+  c.init_from = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"             # cifar10 | cifar100 | svhn | digits | synthetic

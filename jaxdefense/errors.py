@@ -25,6 +25,11 @@ class ConfigMismatch(RunError):
   exit_code = 5
 
 
+class WeightsMismatch(RunError):
+  """Imported weights (a PyTorch state_dict) that do not fit the layout or the config."""
+  exit_code = 5
+
+
 class NoIntactCheckpoint(RunError):
   """No saved step restores, or the one asked for holds non-finite parameters."""
   exit_code = 6

@@ -158,12 +158,6 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   }
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  """Whether every entry of every array of `tree` is finite (one device computation)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Before any data is loaded: the workdir has checkpoints, of a model this config builds."""
   directory = workdir / "checkpoints"
@@ -171,33 +165,6 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
     raise errors.NoCheckpoint(f"no checkpoint in {directory}: train first with "
                               f"--mode=train --workdir={workdir}")
   guard.check_config(workdir, config)
-
-
-def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, model,
-                      image_shape, mesh) -> tuple[dict, int]:
-  """The checkpoint's variables (its EMA when the run kept one), replicated on the mesh."""
-  tx, _ = train.make_optimizer(config, 1)
-  ema = config.train.ema_decay > 0
-  abstract = jax.eval_shape(lambda: train.create_train_state(
-      model, tx, jax.random.key(0), image_shape, ema=ema))
-  sharding = parallel.replicated(mesh)
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        abstract)
-  directory = workdir / "checkpoints"
-  ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
-                                 best_metric="pgd_accuracy", read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      raise errors.NoCheckpoint(f"no checkpoint in {directory}")
-    state, step, _ = ckpt.restore(target, which=which)
-  finally:
-    ckpt.close()
-  variables = state.variables(use_ema=ema)
-  if not bool(_all_finite(variables)):
-    raise errors.NoIntactCheckpoint(
-        f"checkpoint step {step} in {directory} holds non-finite parameters (a diverged "
-        "run); evaluate another step or retrain")
-  return variables, step
 
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
@@ -285,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   check_workdir(config, workdir)
   dataset = train.load_data(config)
   model = train.build_model(config, dataset.num_classes)
-  variables, step = restore_variables(config, workdir, which, model, dataset.image_shape, mesh)
+  variables, step = train.restore_variables(config, workdir, which, model, dataset.image_shape, mesh)
   n = config.eval.num_examples or len(dataset.test_labels)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   if jax.process_index() == 0:
@@ -294,7 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   results = evaluate(config, model, variables, images, labels, mesh)
   report = {"config": config.get("name", ""), "checkpoint": which, "step": step,
             "defense": config.defense.name, "arch": config.model.arch,
-            "data": dataset.name, "eps": config.eval.eps, "results": results}
+            "data": dataset.name, "eps": config.eval.eps,
+            "protocol": config.eval.protocol, "results": results}
   if jax.process_index() == 0:
     paths.write_text(workdir / "eval.json", json.dumps(report, indent=2))
     caption = (f"{config.get('name', '')}: {config.model.arch} + {config.defense.name}, "

@@ -91,6 +91,61 @@ def create_train_state(model, tx, key: jax.Array, image_shape, ema: bool) -> Tra
                     rng=jax.random.key_data(run_key))
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every entry of every array of `tree` is finite (one device computation)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, model,
+                      image_shape, mesh) -> tuple[dict, int]:
+  """A checkpoint's variables (its EMA when the run kept one), replicated on the mesh.
+
+  `which`: "latest", "best" (by the in-training PGD) or a step number."""
+  tx, _ = make_optimizer(config, 1)
+  ema = config.train.ema_decay > 0
+  abstract = jax.eval_shape(lambda: create_train_state(
+      model, tx, jax.random.key(0), image_shape, ema=ema))
+  sharding = parallel.replicated(mesh)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
+  directory = workdir / "checkpoints"
+  ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                                 best_metric="pgd_accuracy", read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      raise errors.NoCheckpoint(f"no checkpoint in {directory}")
+    try:
+      state, step, _ = ckpt.restore(target, which=which)
+    except FileNotFoundError as e:
+      if isinstance(e, errors.RunError):
+        raise
+      raise errors.NoCheckpoint(f"{e}; a run without an in-training evaluation (or imported "
+                                "weights) has no best checkpoint: use --checkpoint=last") from e
+  finally:
+    ckpt.close()
+  variables = state.variables(use_ema=ema)
+  if not bool(_all_finite(variables)):
+    raise errors.NoIntactCheckpoint(
+        f"checkpoint step {step} in {directory} holds non-finite parameters (a diverged "
+        "run); evaluate another step or retrain")
+  return variables, step
+
+
+def initialize_from(config: ml_collections.ConfigDict, state: TrainState, model, image_shape,
+                    mesh) -> TrainState:
+  """`state` with the parameters and BatchNorm statistics of `config.init_from`'s latest
+  checkpoint (a workdir: trained here, or imported by `jaxdefense.convert`); the optimizer
+  state, step and EMA start afresh (the EMA from the loaded weights)."""
+  source = paths.resolve(config.init_from)
+  variables, step = restore_variables(config, source, "latest", model, image_shape, mesh)
+  if jax.process_index() == 0:
+    print(f"initialised from step {step} of {source}", flush=True)
+  ema = (jax.tree.map(jnp.copy, variables) if state.ema is not None else None)
+  return state.replace(params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}), ema=ema)
+
+
 def train_step(state: TrainState, batch: dict, *, objective: objectives.Objective,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                augment: Callable[[jax.Array, jax.Array], jax.Array],
@@ -276,6 +331,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict
       state, _, _ = restored
       if is_main:
         print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+    elif config.get("init_from"):
+      state = initialize_from(config, state, model, dataset.image_shape, mesh)
     # Rows and events logged after the checkpoint (by a run killed later) are dropped.
     writer = MetricWriter(workdir, resume_step=int(state.step) if restored else None)
     return _loop(config, workdir, mesh, dataset, model, tx, schedule, state, ckpt, writer,

@@ -74,16 +74,46 @@ TORCH_DEFAULT = defenses.Inits(
 HE_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
+
+
 class Backbone(nn.Module):
-  """Base of every backbone: num_classes, the hosted defense, the compute dtype.
+  """Base of every backbone: num_classes, the hosted defense, the compute dtype, and the
+  options imported models need: the activation (`swish` for DeepMind's models) and an
+  input normalisation (x - input_mean) / input_std inside the model, so that inputs and
+  attacks stay in [0, 1] pixel space.
 
   Subclasses define `insertion_points()` (every named place a defense can sit) and
-  `default_sites(defense_name)` (the authors' placement), and call `self.hooks(...)` once
-  at the top of `__call__`.
+  `default_sites(defense_name)` (the authors' placement), call `self.hooks(...)` once at
+  the top of `__call__` and feed the network `self.prepare(x)`.
   """
   num_classes: int = 10
   defense: defenses.DefenseConfig = defenses.DefenseConfig()
   dtype: Any = jnp.float32
+  activation: str = "relu"
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
+
+  @property
+  def act(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; allowed: "
+                       f"{', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[self.activation]
+
+  def prepare(self, x: jax.Array) -> jax.Array:
+    """The network's input: normalised if `input_mean`/`input_std` are set, in `dtype`."""
+    if (self.input_mean is None) != (self.input_std is None):
+      raise ValueError("set both input_mean and input_std, or neither")
+    if self.input_mean is not None:
+      channels = x.shape[-1]
+      if len(self.input_mean) != channels or len(self.input_std) != channels:
+        raise ValueError(f"input_mean {self.input_mean} and input_std {self.input_std} need "
+                         f"one value per image channel ({channels})")
+      if min(self.input_std) <= 0:
+        raise ValueError(f"input_std must be > 0, got {self.input_std}")
+      x = (x - jnp.asarray(self.input_mean, x.dtype)) / jnp.asarray(self.input_std, x.dtype)
+    return x.astype(self.dtype)
 
   def active_sites(self) -> frozenset[str]:
     if self.defense.name == "none":
@@ -103,6 +133,21 @@ class Backbone(nn.Module):
         self, self.defense, self.active_sites(), num_classes=self.num_classes, labels=labels,
         train=train, stochastic_mask=train if stochastic_mask is None else stochastic_mask,
         inits=inits, dtype=self.dtype)
+
+
+PADDINGS = ("symmetric", "asymmetric")
+
+
+def conv_padding(kernel: int, stride: int, scheme: str = "symmetric"):
+  """A convolution's padding: `symmetric`, kernel // 2 on every side (PyTorch's
+  padding=k//2); `asymmetric`, for strided convolutions only the bottom and right, as
+  TensorFlow's SAME and DeepMind's PyTorch models (`F.pad(x, (0, 1, 0, 1))`) do."""
+  if scheme not in PADDINGS:
+    raise ValueError(f"unknown conv_padding {scheme!r}; allowed: {', '.join(PADDINGS)}")
+  if scheme == "symmetric" or stride == 1:
+    return kernel // 2
+  total = max(kernel - stride, 0)
+  return ((total // 2, total - total // 2),) * 2
 
 
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:

@@ -9,6 +9,7 @@ authors' ResNets use.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -20,9 +21,11 @@ from jaxdefense.models import common
 INITS = common.TORCH_DEFAULT
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> conv.Conv:
-  return conv.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                 use_bias=False, kernel_init=INITS.conv, dtype=dtype, name=name)
+def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None,
+          padding: str = "symmetric") -> conv.Conv:
+  return conv.Conv(features, (kernel, kernel), (stride, stride),
+                   padding=common.conv_padding(kernel, stride, padding), use_bias=False,
+                   kernel_init=INITS.conv, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -30,14 +33,15 @@ class BasicBlock(nn.Module):
   stride: int
   train: bool
   dtype: jnp.dtype
+  act: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x):
     out = _conv(self.features, 3, self.stride, self.dtype)(x)
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    out = self.act(common.batch_norm(self.train, self.dtype)(out))
     out = _conv(self.features, 3, 1, self.dtype)(out)
     out = common.batch_norm(self.train, self.dtype)(out)
-    return nn.relu(out + _shortcut(x, self.features, self.stride, self.train, self.dtype))
+    return self.act(out + _shortcut(x, self.features, self.stride, self.train, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -45,15 +49,17 @@ class Bottleneck(nn.Module):
   stride: int
   train: bool
   dtype: jnp.dtype
+  act: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(_conv(self.features, 1, 1, self.dtype)(x)))
+    out = self.act(common.batch_norm(self.train, self.dtype)(
+        _conv(self.features, 1, 1, self.dtype)(x)))
     out = _conv(self.features, 3, self.stride, self.dtype)(out)
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    out = self.act(common.batch_norm(self.train, self.dtype)(out))
     out = _conv(self.features * 4, 1, 1, self.dtype)(out)
     out = common.batch_norm(self.train, self.dtype)(out)
-    return nn.relu(out + _shortcut(x, self.features * 4, self.stride, self.train, self.dtype))
+    return self.act(out + _shortcut(x, self.features * 4, self.stride, self.train, self.dtype))
 
 
 def _shortcut(x, features: int, stride: int, train: bool, dtype):
@@ -84,14 +90,14 @@ class ResNet(common.Backbone):
   def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
                stochastic_mask: bool | None = None) -> common.ModelOutput:
     hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
-    x = x.astype(self.dtype)
-    x = nn.relu(common.batch_norm(train, self.dtype)(_conv(self.width, 3, 1, self.dtype)(x)))
-    x = hooks("stem", x)
+    x = _conv(self.width, 3, 1, self.dtype)(self.prepare(x))
+    x = hooks("stem", self.act(common.batch_norm(train, self.dtype)(x)))
     block = Bottleneck if self.bottleneck else BasicBlock
     for s, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         stride = 2 if s > 0 and b == 0 else 1
-        x = block(self.width * 2**s, stride, train, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = block(self.width * 2**s, stride, train, self.dtype, self.act,
+                  name=f"layer{s + 1}_{b}")(x)
         x = hooks(f"layer{s + 1}.{b}", x)
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
@@ -104,22 +110,38 @@ class PreActBlock(nn.Module):
   stride: int
   train: bool
   dtype: jnp.dtype
+  act: Callable[[jax.Array], jax.Array] = nn.relu
+  padding: str = "symmetric"
+  shortcut_kernel: int = 1
+  shortcut_input: str = "activated"
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(x))
+    out = self.act(common.batch_norm(self.train, self.dtype)(x))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = _conv(self.features, 1, self.stride, self.dtype, name="shortcut_conv")(out)
-    out = _conv(self.features, 3, self.stride, self.dtype)(out)
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+      shortcut = _conv(self.features, self.shortcut_kernel, self.stride, self.dtype,
+                       name="shortcut_conv", padding=self.padding)(
+                           out if self.shortcut_input == "activated" else x)
+    out = _conv(self.features, 3, self.stride, self.dtype, padding=self.padding)(out)
+    out = self.act(common.batch_norm(self.train, self.dtype)(out))
     return _conv(self.features, 3, 1, self.dtype)(out) + shortcut
 
 
 class PreActResNet(common.Backbone):
-  """He et al.'s pre-activation ResNet (identity mappings), CIFAR stem, widths as ResNet."""
+  """He et al.'s pre-activation ResNet (identity mappings), CIFAR stem, widths as ResNet.
+
+  By default as AWP's and Rice et al.'s (projection shortcuts on the activated input, a
+  final BN-ReLU). RobustBench's `PreActResNet18`: `shortcut_input="raw"`,
+  `final_bn=False`; DeepMind's `DMPreActResNet`: also `conv_padding="asymmetric"`,
+  `shortcut_kernel=3`, `activation="swish"` and an input normalisation.
+  """
   stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
   width: int = 64
+  conv_padding: str = "symmetric"
+  shortcut_kernel: int = 1
+  shortcut_input: str = "activated"   # activated | raw: what a projection shortcut convolves.
+  final_bn: bool = True
 
   def insertion_points(self) -> tuple[str, ...]:
     return (("stem",) + tuple(f"layer{s + 1}.{b}" for s, n in enumerate(self.stage_sizes)
@@ -133,15 +155,21 @@ class PreActResNet(common.Backbone):
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None = None, *, train: bool,
                stochastic_mask: bool | None = None) -> common.ModelOutput:
+    if self.shortcut_input not in ("activated", "raw"):
+      raise ValueError(f"unknown shortcut_input {self.shortcut_input!r}; allowed: "
+                       "activated, raw")
     hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
-    x = hooks("stem", _conv(self.width, 3, 1, self.dtype)(x.astype(self.dtype)))
+    x = hooks("stem", _conv(self.width, 3, 1, self.dtype)(self.prepare(x)))
     for s, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         stride = 2 if s > 0 and b == 0 else 1
-        x = PreActBlock(self.width * 2**s, stride, train, self.dtype,
+        x = PreActBlock(self.width * 2**s, stride, train, self.dtype, self.act,
+                        self.conv_padding, self.shortcut_kernel, self.shortcut_input,
                         name=f"layer{s + 1}_{b}")(x)
         x = hooks(f"layer{s + 1}.{b}", x)
-    x = hooks("final", nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(x)))
+    if self.final_bn:
+      x = self.act(common.batch_norm(train, self.dtype, name="final_bn")(x))
+    x = hooks("final", x)
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
                       bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)

@@ -53,13 +53,13 @@ class VGG(common.Backbone):
     if x.shape[1] < min_size or x.shape[2] < min_size:
       raise ValueError(f"VGG with {len(self.stages)} pooling stages needs images of at least "
                        f"{min_size}x{min_size}; got {x.shape[1]}x{x.shape[2]}")
-    x = x.astype(self.dtype)
+    x = self.prepare(x)
     for s, widths in enumerate(self.stages):
       for c, features in enumerate(widths):
         x = conv.Conv(features, (3, 3), padding=1, kernel_init=inits.conv,
                       bias_init=inits.dense_bias(9 * x.shape[-1]), dtype=self.dtype,
                       name=f"stage{s + 1}_conv{c}")(x)
-        x = nn.relu(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))
+        x = self.act(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))
         x = hooks(f"stage{s + 1}.{c}", x)
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = jnp.mean(x, axis=(1, 2))
@@ -68,7 +68,7 @@ class VGG(common.Backbone):
                    bias_init=inits.dense_bias(x.shape[-1]), dtype=self.dtype, name=f"fc{i}")(x)
       if self.classifier_batchnorm:
         x = common.batch_norm(train, self.dtype, name=f"fc{i}_bn")(x)
-      x = nn.relu(x)
+      x = self.act(x)
     logits = nn.Dense(self.num_classes, kernel_init=inits.dense_kernel,
                       bias_init=inits.dense_bias(x.shape[-1]), dtype=self.dtype,
                       name="classifier")(x)

@@ -24,9 +24,11 @@ INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=common.TORCH_DEFAULT
                        dense_bias=common.zeros_bias_init)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None) -> conv.Conv:
-  return conv.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                 use_bias=False, kernel_init=INITS.conv, dtype=dtype, name=name)
+def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None,
+          padding: str = "symmetric") -> conv.Conv:
+  return conv.Conv(features, (kernel, kernel), (stride, stride),
+                   padding=common.conv_padding(kernel, stride, padding), use_bias=False,
+                   kernel_init=INITS.conv, dtype=dtype, name=name)
 
 
 class WideBlock(nn.Module):
@@ -36,25 +38,30 @@ class WideBlock(nn.Module):
   train: bool
   dtype: jnp.dtype
   preact_hook: Callable[[jax.Array], jax.Array]
+  act: Callable[[jax.Array], jax.Array] = nn.relu
+  padding: str = "symmetric"
 
   @nn.compact
   def __call__(self, x):
     equal_in_out = x.shape[-1] == self.features
-    activated = nn.relu(common.batch_norm(self.train, self.dtype)(x))
+    activated = self.act(common.batch_norm(self.train, self.dtype)(x))
     if equal_in_out:
       shortcut = x
     else:
       shortcut = _conv(self.features, 1, self.stride, self.dtype, name="shortcut_conv")(activated)
-    out = _conv(self.features, 3, self.stride, self.dtype)(self.preact_hook(activated))
-    out = nn.relu(common.batch_norm(self.train, self.dtype)(out))
+    out = _conv(self.features, 3, self.stride, self.dtype, padding=self.padding)(
+        self.preact_hook(activated))
+    out = self.act(common.batch_norm(self.train, self.dtype)(out))
     return _conv(self.features, 3, 1, self.dtype)(out) + shortcut
 
 
 class WideResNet(common.Backbone):
   """WRN-depth-width: (depth - 4) / 6 blocks in each of three stages of widths
-  16w, 32w, 64w."""
+  16w, 32w, 64w. DeepMind's (RobustBench's `DMWideResNet`): `activation="swish"`,
+  `conv_padding="asymmetric"` and an input normalisation."""
   depth: int = 34
   width: int = 10
+  conv_padding: str = "symmetric"
 
   @property
   def blocks_per_stage(self) -> int:
@@ -81,16 +88,16 @@ class WideResNet(common.Backbone):
     if self.width < 1:
       raise ValueError(f"WideResNet width must be >= 1, got {self.width}")
     hooks = self.hooks(x, labels, train, stochastic_mask, INITS)
-    x = hooks("stem", _conv(16, 3, 1, self.dtype)(x.astype(self.dtype)))
+    x = hooks("stem", _conv(16, 3, 1, self.dtype)(self.prepare(x)))
     for s, features in enumerate((16 * self.width, 32 * self.width, 64 * self.width), 1):
       for b in range(self.blocks_per_stage):
         stride = 2 if s > 1 and b == 0 else 1
         site = f"block{s}.{b}"
         x = WideBlock(features, stride, train, self.dtype,
-                      preact_hook=functools.partial(hooks, f"{site}.preact"),
-                      name=f"block{s}_{b}")(x)
+                      preact_hook=functools.partial(hooks, f"{site}.preact"), act=self.act,
+                      padding=self.conv_padding, name=f"block{s}_{b}")(x)
         x = hooks(site, x)
-    x = hooks("final", nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(x)))
+    x = hooks("final", self.act(common.batch_norm(train, self.dtype, name="final_bn")(x)))
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
                       bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
