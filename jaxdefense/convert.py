@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import checkpoint, data, errors, guard, layouts, paths, train
+from jaxdefense import checkpoint, data, errors, guard, layouts, parallel, paths, train
 
 CONV_TO_TORCH = (3, 2, 0, 1)   # HWIO -> OIHW
 CONV_TO_FLAX = (2, 3, 1, 0)    # OIHW -> HWIO
@@ -206,6 +206,15 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def _torch():
+  try:
+    import torch  # noqa: PLC0415  (the optional dependency)
+  except ImportError as e:
+    raise errors.RunError(f"reading or writing PyTorch files needs PyTorch ({e}): "
+                          'pip install -e ".[torch]"') from e
+  return torch
+
+
 def get_layout(name: str) -> layouts.Layout:
   if name not in layouts.LAYOUTS:
     raise errors.WeightsMismatch(f"unknown layout {name!r}; allowed: {', '.join(layouts.LAYOUTS)}")
@@ -249,7 +258,7 @@ def _train_state(config: ml_collections.ConfigDict):
 def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, layout_name: str,
                  torch_path: str) -> epath.Path:
   """Writes the weights in `torch_path` as step 0 of `workdir`'s checkpoints."""
-  import torch  # noqa: PLC0415  (the optional dependency: `.[torch]`)
+  torch = _torch()
   layout = get_layout(layout_name)
   check_config(config, layout, layout_name)
   workdir = paths.resolve(workdir)
@@ -286,8 +295,7 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
 def export_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, layout_name: str,
                  torch_path: str, which: str = "latest") -> int:
   """Writes a checkpoint of `workdir` as a PyTorch state_dict; returns its step."""
-  import torch  # noqa: PLC0415
-  from jaxdefense import evaluate, parallel  # noqa: PLC0415
+  torch = _torch()
   layout = get_layout(layout_name)
   check_config(config, layout, layout_name)
   workdir = paths.resolve(workdir)

@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import attacks, checkpoint, data, errors, guard, parallel, paths, train
+from jaxdefense import attacks, data, errors, guard, parallel, paths, train
 from jaxdefense.attacks.autoattack import autoattack
 from jaxdefense.attacks import losses
 

@@ -2,11 +2,10 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
-from jaxdefense import analysis, evaluate, parallel, train
+from jaxdefense import analysis, evaluate, train
 from tests.test_train import tiny_config
 
 FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},

@@ -15,7 +15,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX import record_writer
 
-from jaxdefense import analysis, checkpoint, data, evaluate, models, train
+from jaxdefense import analysis, checkpoint, data, evaluate, train
 from jaxdefense.default_config import get as default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

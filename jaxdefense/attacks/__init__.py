@@ -1,7 +1,6 @@
 """Attacks on models as deployed (eval mode, gradients through the defense's masks)."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax

@@ -8,7 +8,6 @@ the defense is CAS, and an rng stream `"gumbel"` when it is FSR.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
