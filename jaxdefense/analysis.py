@@ -103,7 +103,7 @@ def activation_frequency(config: ml_collections.ConfigDict, model, variables,
   for CAS models, as its script attacks)."""
   sites = analysed_sites(model)
   eps, steps = config.eval.eps, 20
-  loss = attacks.losses.with_cas_heads(attacks.losses.cross_entropy, config.defense.beta)
+  loss = attacks.losses.with_aux_heads(attacks.losses.cross_entropy, config.defense.beta)
   chosen = config.analysis.class_index
 
   @jax.jit

@@ -78,6 +78,14 @@ def tensors(layout: layouts.Layout, abstract: dict) -> list[Tensor]:
       out += [Tensor(f"{prefix}.running_{name}", "batch_stats", (*module.split("/"), name),
                      stats[name], "vector") for name in ("mean", "var")]
       continue
+    if "hidden_kernel" in params:  # A CIFS nonlinear probe's hidden layer.
+      out += [Tensor(f"{prefix}{layout.probe_hidden}.weight", "params",
+                     (*module.split("/"), "hidden_kernel"), params["hidden_kernel"][::-1],
+                     "dense"),
+              Tensor(f"{prefix}{layout.probe_hidden}.bias", "params",
+                     (*module.split("/"), "hidden_bias"), params["hidden_bias"], "vector")]
+    if module.split("/")[-1].startswith("cifs_"):
+      prefix += layout.probe_out
     kernel = params["kernel"]
     kind = "conv" if len(kernel) == 4 else "dense"
     shape = (tuple(kernel[i] for i in CONV_TO_TORCH) if kind == "conv" else kernel[::-1])

@@ -30,13 +30,18 @@ def get() -> ml_collections.ConfigDict:
   c.model.kwargs = ml_collections.ConfigDict()    # Architecture fields, e.g. depth, width.
 
   c.defense = ml_collections.ConfigDict()
-  c.defense.name = "none"             # none | cas | fsr
+  c.defense.name = "none"             # none | cas | fsr | cifs
   c.defense.sites = ()                # Insertion points / globs; () = the authors' placement.
-  c.defense.beta = 2.0                # CAS loss weight.
+  c.defense.beta = 2.0                # CAS / CIFS auxiliary (probe) CE weight.
   c.defense.tau = 0.1                 # FSR Gumbel-sigmoid temperature.
   c.defense.lam_sep = 1.0             # FSR separation loss weight.
   c.defense.lam_rec = 1.0             # FSR recalibration loss weight.
   c.defense.hidden = 64               # FSR separation / recalibration width.
+  c.defense.probe_hidden = 0          # CIFS nonlinear probe width; 0 = the backbone's
+  #                                     (128; WRN 240).
+  c.defense.linear_sites = ()         # CIFS sites with a linear probe; () = the deepest one.
+  c.defense.mask_scale = 1.0          # CIFS mask = mask_scale x softmax (the July 2021 code: 2).
+  c.defense.loss_rescale = True       # CIFS: the joint loss x 3 / (beta + 1).
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "pgd_at"         # pgd_at | trades | mart | natural
@@ -75,7 +80,7 @@ def get() -> ml_collections.ConfigDict:
   c.eval_pgd.step_size = 2 / 255
   c.eval_pgd.steps = 20
   c.eval_pgd.random_start = True
-  c.eval_pgd.loss = "auto"            # auto (CAS: its own loss; else CE) | ce | defense
+  c.eval_pgd.loss = "auto"            # auto (CAS, CIFS: their own loss; else CE) | ce | defense
 
   c.eval = ml_collections.ConfigDict()  # --mode=eval (METHOD.md section 4).
   c.eval.num_examples = 0             # The first N test points (0 = all).

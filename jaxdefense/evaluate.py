@@ -1,7 +1,7 @@
 """The robustness evaluation papers report (METHOD.md section 4), on a trained checkpoint.
 
 `python main.py --mode=eval --config=... --workdir=DIR` restores the run's best (or latest)
-checkpoint and runs the attacks of `config.eval.protocol` (fsr, cas, autoattack or full;
+checkpoint and runs the attacks of `config.eval.protocol` (fsr, cas, cifs, autoattack or full;
 `PROTOCOLS`), or `config.eval.attacks` when set, over the first `config.eval.num_examples`
 test points, batched and sharded over all devices. Each attack yields a per-point "still
 correct" vector; the worst case is correct naturally and under every attack run (FSR's
@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import attacks, data, errors, guard, parallel, paths, train
+from jaxdefense import attacks, data, defenses, errors, guard, parallel, paths, train
 from jaxdefense.attacks.autoattack import autoattack
 from jaxdefense.attacks import losses
 
@@ -49,13 +49,20 @@ def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
 
 
 def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str = "ce",
-                eot_samples: int = 0):
+                eot_samples: int = 0, mask_gradient: bool = False):
+  """PGD on `loss`; `mask_gradient`: through CIFS's mask as a function of the input (the
+  relevance at the live pooled features), which the authors' attacks never see."""
   def run(model, defense, variables, x, labels, key, *, eps):
     loss_fn = {"ce": losses.cross_entropy, "cw": losses.cw(50.0),
                "defense": losses.defense_loss(defense),
-               "cas_ce": losses.with_cas_heads(losses.cross_entropy, defense.beta),
-               "cas_cw": losses.with_cas_heads(losses.cw(0.0), defense.beta)}[loss]
-    model_fn = attacks.deployed(model, variables)
+               "heads_ce": losses.with_aux_heads(losses.cross_entropy, defense.beta),
+               "heads_cw0": losses.with_aux_heads(losses.cw(0.0), defense.beta),
+               "heads_cw50": losses.with_aux_heads(losses.cw(50.0), defense.beta)}[loss]
+    attacked = model
+    if mask_gradient:
+      attacked = model.clone(defense=dataclasses.replace(model.defense,
+                                                         mask_stop_gradient=False))
+    model_fn = attacks.deployed(attacked, variables)
     if eot_samples:
       model_fn = lambda v, k: model.apply(variables, v, train=False, stochastic_mask=True,
                                           rngs={"gumbel": k})
@@ -92,15 +99,20 @@ def _autoattack(version: str, options: dict):
 CAS_STEP_FRACTION = 0.003 / 0.031
 # The attacks of each evaluation protocol (`config.eval.protocol`; `config.eval.attacks`,
 # when not empty, replaces the list). fsr: wkim97/FSR test.py; cas: bymavis/CAS_ICLR2021
-# Trades/pgd_attack_cifar10_cas.py; autoattack: RobustBench's; full: everything, with
-# the attacks on each defense's own loss and through FSR's stochastic mask.
+# Trades/pgd_attack_cifar10_cas.py; cifs: HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py (main
+# head and joint loss); autoattack: RobustBench's; full: everything (of CIFS's joint
+# attacks the PGD-20 and C&W), with the attacks on each defense's own loss, through
+# CIFS's mask as a function of the input and through FSR's stochastic mask.
 PROTOCOLS = {
     "fsr": ("fgsm", "pgd20", "pgd100", "cw"),
     "cas": ("cas_fgsm", "cas_pgd20", "cas_cw"),
+    "cifs": ("fgsm", "pgd20", "pgd100", "cw", "cifs_fgsm", "cifs_pgd20", "cifs_pgd100",
+             "cifs_cw"),
     "autoattack": ("autoattack",),
-    "full": ("fgsm", "pgd20", "pgd100", "cw", "cas_fgsm", "cas_pgd20", "cas_cw", "autoattack",
-             "adaptive", "eot"),
+    "full": ("fgsm", "pgd20", "pgd100", "cw", "cas_fgsm", "cas_pgd20", "cas_cw", "cifs_pgd20",
+             "cifs_cw", "autoattack", "adaptive", "cifs_mask_pgd100", "eot"),
 }
+JOINT = "CE + beta x mean probe CE"
 
 
 def attack_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -140,16 +152,37 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
                          applies=lambda d: d != "none"),
       # The CAS protocol (Bai et al., Trades/pgd_attack_cifar10_cas.py): every attack from a
       # random start, on the main output's loss + CAS beta x the mean over the CAS heads.
-      "cas_fgsm": Attack("FGSM (CAS)", _pgd_attack(1, 1.0, True, loss="cas_ce"),
+      "cas_fgsm": Attack("FGSM (CAS)", _pgd_attack(1, 1.0, True, loss="heads_ce"),
                          {"steps": 1, "step_size": "eps", "random_start": True,
                           "loss": "CE + beta x mean CAS-head CE"}),
       "cas_pgd20": Attack("PGD-20 (CAS)", _pgd_attack(20, CAS_STEP_FRACTION, True,
-                                                      loss="cas_ce"),
+                                                      loss="heads_ce"),
                           {"steps": 20, "step_size": "0.003 / 0.031 eps", "random_start": True,
                            "loss": "CE + beta x mean CAS-head CE"}),
-      "cas_cw": Attack("C&W (CAS)", _pgd_attack(20, CAS_STEP_FRACTION, True, loss="cas_cw"),
+      "cas_cw": Attack("C&W (CAS)", _pgd_attack(20, CAS_STEP_FRACTION, True, loss="heads_cw0"),
                        {"steps": 20, "step_size": "0.003 / 0.031 eps", "random_start": True,
                         "loss": "C&W kappa 0 + beta x mean over the CAS heads"}),
+      # The CIFS protocol (Yan et al., CIFAR10_Res18_CIFS_test.py --is_joint 1): FSR's
+      # attacks (which its code inherited) on the main output + beta x the mean over the
+      # probes; `cifs_mask_pgd100` adds the mask's input dependence (ours).
+      "cifs_fgsm": Attack("FGSM (joint)", _pgd_attack(1, 1.0, False, loss="heads_ce"),
+                          {"steps": 1, "step_size": "eps", "loss": JOINT},
+                          applies=lambda d: d in defenses.LABELLED),
+      "cifs_pgd20": Attack("PGD-20 (joint)", _pgd_attack(20, 0.1, False, loss="heads_ce"),
+                           {"steps": 20, "step_size": "0.1 eps", "random_start": False,
+                            "loss": JOINT}, applies=lambda d: d in defenses.LABELLED),
+      "cifs_pgd100": Attack("PGD-100 (joint)", _pgd_attack(100, 0.1, False, loss="heads_ce"),
+                            {"steps": 100, "step_size": "0.1 eps", "random_start": False,
+                             "loss": JOINT}, applies=lambda d: d in defenses.LABELLED),
+      "cifs_cw": Attack("C&W (joint)", _pgd_attack(30, 0.1, False, loss="heads_cw50"),
+                        {"steps": 30, "step_size": "0.1 eps", "loss": "C&W kappa 50, joint"},
+                        applies=lambda d: d in defenses.LABELLED),
+      "cifs_mask_pgd100": Attack("PGD-100 (joint, mask gradient)",
+                                 _pgd_attack(100, 0.1, False, loss="heads_ce",
+                                             mask_gradient=True),
+                                 {"steps": 100, "step_size": "0.1 eps", "random_start": False,
+                                  "loss": JOINT, "mask": "differentiated w.r.t. the input"},
+                                 applies=lambda d: d == "cifs"),
       "eot": Attack(f"EOT PGD-20 (x{e.eot_samples})",
                     _pgd_attack(20, 0.1, False, eot_samples=e.eot_samples),
                     {"steps": 20, "step_size": "0.1 eps", "eot_samples": e.eot_samples,

@@ -117,6 +117,9 @@ def parameter_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "train.ema_decay > 0": config.train.ema_decay > 0}
   if config.defense.name == "fsr":
     fields["defense.hidden"] = config.defense.hidden
+  if config.defense.name == "cifs":
+    fields["defense.probe_hidden"] = config.defense.get("probe_hidden", 0)
+    fields["defense.linear_sites"] = config.defense.get("linear_sites", ())
   return {k: _plain(v) for k, v in fields.items()}
 
 

@@ -27,6 +27,10 @@ class Layout:
   # `load_state_dict(strict=True)` accepts the file.
   unused: str | None = None
   unused_source: str | None = None
+  # CIFS probes (one jaxdefense module, the rule's prefix): where the output Linear and a
+  # nonlinear probe's hidden Linear sit under it.
+  probe_out: str = ""
+  probe_hidden: str = ""
 
 
 def _n(m: re.Match, i: int, offset: int = 0) -> int:
@@ -133,6 +137,11 @@ LAYOUTS: dict[str, Layout] = {
     "cas_vgg16": Layout("bymavis/CAS_ICLR2021 */models/VGG16_cas.py VGG16_REG (needs "
                         "model.kwargs classifier_batchnorm=True)", ("vgg16",), "cas", _VGG_CAS,
                         model_kwargs={"classifier_batchnorm": True}),
+    "cifs_resnet18": Layout("HanshuYAN/CIFS models/nets/resnet_CIFS.py ResNet18_L4 (CIFS "
+                            "blocks in layer4: nonlinear then linear probe)", _RESNET18, "cifs",
+                            _RESNET + ((r"cifs_layer4_(\d)",
+                                        lambda m: f"layer4.{m[1]}.Probe.Probe"),),
+                            probe_out=".1", probe_hidden=".0.fc"),
     "resnet18": Layout("kuangliu's ResNet-18 as in TRADES, MART and RobustBench "
                        "(architectures/resnet.py ResNet)", _RESNET18, "none", _RESNET),
     "preact_resnet18": Layout("RobustBench architectures/resnet.py PreActResNet18 (projection "

@@ -27,8 +27,8 @@ Objective = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 class AttackConfig:
   """The training attack: L-inf PGD (METHOD.md section 3; section 7 for SVHN's step).
 
-  `loss="auto"` is the authors' choice: CAS attacks its full loss (main CE + beta CAS CE),
-  FSR and the baseline attack the main CE.
+  `loss="auto"` is the authors' choice: CAS and CIFS attack their full loss (main CE +
+  beta x the mean auxiliary CE), FSR and the baseline the main CE.
   """
   eps: float = 8 / 255
   step_size: float = 2 / 255
@@ -66,6 +66,9 @@ def make(name: str, model: Any, defense: defenses.DefenseConfig, attack: AttackC
     raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(NAMES)}")
   if beta < 0:
     raise ValueError(f"objective.beta must be >= 0, got {beta}")
+  if defense.name == "cifs" and name in ("trades", "mart"):
+    raise ValueError(f"objective {name!r} is not defined for CIFS (its authors train it with "
+                     "PGD-AT only); allowed: pgd_at, natural")
   fn = {"pgd_at": pgd_at, "trades": trades, "mart": mart, "natural": natural}[name]
   return functools.partial(fn, model=model, defense=defense, attack=attack, beta=beta)
 
@@ -77,7 +80,8 @@ def _forward_train(model, params, batch_stats, x, labels, key):
 
 
 def _attack_loss(defense: defenses.DefenseConfig, attack: AttackConfig) -> losses.LossFn:
-  use_defense = attack.loss == "defense" or (attack.loss == "auto" and defense.name == "cas")
+  use_defense = attack.loss == "defense" or (attack.loss == "auto"
+                                             and defense.name in defenses.LABELLED)
   return losses.defense_loss(defense) if use_defense else losses.cross_entropy
 
 

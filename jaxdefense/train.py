@@ -42,8 +42,11 @@ class TrainState:
 def defense_config(config: ml_collections.ConfigDict) -> defenses.DefenseConfig:
   d = config.defense
   sites = tuple(d.sites) if d.get("sites") else None
-  return defenses.DefenseConfig(name=d.name, sites=sites, beta=d.beta, tau=d.tau,
-                                lam_sep=d.lam_sep, lam_rec=d.lam_rec, hidden=d.hidden)
+  return defenses.DefenseConfig(
+      name=d.name, sites=sites, beta=d.beta, tau=d.tau, lam_sep=d.lam_sep, lam_rec=d.lam_rec,
+      hidden=d.hidden, probe_hidden=d.probe_hidden or None,
+      linear_sites=tuple(d.linear_sites) if d.linear_sites else None, mask_scale=d.mask_scale,
+      loss_rescale=d.loss_rescale)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -175,11 +178,12 @@ def _eval_pgd_on_defense_loss(config: ml_collections.ConfigDict) -> bool:
   """Whether the in-training PGD, which also picks the "best" checkpoint, attacks the
   defense's own loss: `eval_pgd.loss`, "auto" meaning yes for CAS (whose eval-mode mask,
   chosen by its own head, blunts the main CE's gradient: plain PGD overstates its
-  robustness) and no for the others (FSR's own loss is the weaker attack on it)."""
+  robustness) and CIFS (whose authors select by it), no for the others (FSR's own loss is
+  the weaker attack on it)."""
   loss = config.eval_pgd.get("loss", "auto")
   if loss not in EVAL_PGD_LOSSES:
     raise ValueError(f"unknown eval_pgd.loss {loss!r}; allowed: {', '.join(EVAL_PGD_LOSSES)}")
-  return loss == "defense" or (loss == "auto" and config.defense.name == "cas")
+  return loss == "defense" or (loss == "auto" and config.defense.name in defenses.LABELLED)
 
 
 def eval_pgd_loss(config: ml_collections.ConfigDict) -> attacks.losses.LossFn:

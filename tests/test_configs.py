@@ -7,9 +7,10 @@ import glob
 import importlib.util
 import os
 
+import jax
 import pytest
 
-from jaxdefense import models
+from jaxdefense import models, train
 from tests.test_train import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -93,7 +94,37 @@ RECIPES = {
     ("mart", "resnet18"): {
         "model.arch": "resnet18", "train.epochs": 120, "optim.lr": 0.01,
         "optim.weight_decay": 3.5e-3, "objective.beta": 5.0, "optim.milestones": (74, 89, 99)},
+    # CIFS CIFAR10_Res18_CIFS.py (HanshuYAN/CIFS @2e68025): bs 128 (L20), Joint attack loss
+    # (L24), beta_cls 2 (L25), 120 epochs (L27), momentum 0.9 (L29), wd 2e-4 (L30), lr 0.1
+    # (L31), MultiStepLR [75, 90] (L32) stepped after each epoch (L148-149); training PGD
+    # eps 8/255, 10 x 2/255, random start, test PGD 20 x 0.1 eps, no random start, joint
+    # loss with beta_atk 2 (L220-227).
+    ("cifs", "resnet18"): {
+        "model.arch": "resnet18", "defense.name": "cifs", "defense.beta": 2.0,
+        "defense.loss_rescale": True, "objective.name": "pgd_at", "train.epochs": 120,
+        "train.batch_size": 128, "optim.lr": 0.1, "optim.momentum": 0.9,
+        "optim.weight_decay": 2e-4, "optim.milestones": (75, 90),
+        "objective.attack.eps": 8 / 255, "objective.attack.step_size": 2 / 255,
+        "objective.attack.steps": 10, "objective.attack.loss": "defense",
+        "eval_pgd.steps": 20, "eval_pgd.step_size": 0.8 / 255, "eval_pgd.random_start": False,
+        "eval_pgd.loss": "defense"},
 }
+
+
+def test_cifs_default_sites_and_probes_are_the_authors():
+  """ResNet-18: layer4.0 nonlinear (width 128), layer4.1 linear; WRN: block3's last
+  pre-activation nonlinear (width 240), final linear (CIFS.md section 1)."""
+  for arch, nonlinear, linear, width in (("resnet18", "cifs_layer4_0", "cifs_layer4_1", 128),
+                                          ("wrn34_10", "cifs_block3_4_preact", "cifs_final", 240)):
+    c = load("cifs", arch)
+    model = models.create(c.model.arch, num_classes=10,
+                          defense=train.defense_config(c))
+    params = jax.eval_shape(lambda: models.init(model, jax.random.key(0), (32, 32, 3)))["params"]
+    flat_params = {"/".join(k.key for k in path): leaf.shape
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert any(k.endswith(f"{nonlinear}/hidden_kernel") and v[1] == width
+               for k, v in flat_params.items()), arch
+    assert f"{linear}/kernel" in flat_params and f"{linear}/hidden_kernel" not in flat_params
 
 
 @pytest.mark.parametrize("name,argument", sorted(RECIPES, key=str))

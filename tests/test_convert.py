@@ -36,6 +36,7 @@ CASES = {
     "cas_resnet18": (lambda: tm.ResNet(width=8, defense="cas"), "resnet18", {"width": 8}),
     "cas_wrn": (lambda: tm.WideResNet(10, 2, defense="cas", sub_block1=True), "wide_resnet",
                 {"depth": 10, "width": 2}),
+    "cifs_resnet18": (lambda: tm.ResNet(width=8, defense="cifs"), "resnet18", {"width": 8}),
     "cas_vgg16": (lambda: tm.VGGCAS(SMALL_VGG), "vgg16",
                   {"stages": SMALL_VGG, "classifier_batchnorm": True}),
     "resnet18": (lambda: tm.ResNet(width=8), "resnet18", {"width": 8}),
@@ -120,7 +121,8 @@ def test_data_parallel_prefix_is_stripped():
 @pytest.mark.parametrize("edit, expected", [
     (lambda sd: sd.pop("layer2.0.shortcut.0.weight"),
      r"1 missing key\(s\) \[layer2\.0\.shortcut\.0\.weight\]; 0 unexpected"),
-    (lambda sd: sd.update(extra=torch.zeros(1)), r"0 missing key\(s\) \[\]; 1 unexpected key\(s\) \[extra\]"),
+    (lambda sd: sd.update(extra=torch.zeros(1)),
+     r"0 missing key\(s\) \[\]; 1 unexpected key\(s\) \[extra\]"),
     (lambda sd: sd.update({"layer1.0.conv1.weight": torch.zeros(8, 8, 1, 1)}),
      r"layer1\.0\.conv1\.weight has shape \(8, 8, 1, 1\); the config's model needs \(8, 8, 3, 3\)"),
     (lambda sd: sd.update({"linear.weight": torch.zeros(100, 64), "linear.bias": torch.zeros(100)}),
@@ -243,6 +245,7 @@ FULL_SIZE = {
     "cas_wrn": (("cas", "wrn34_10,trades"), lambda: tm.WideResNet(defense="cas", sub_block1=True)),
     "cas_vgg16": (("vgg16_cas", "pgd_at"), lambda: tm.VGGCAS(
         ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3))),
+    "cifs_resnet18": (("cifs", "resnet18"), lambda: tm.ResNet(defense="cifs")),
     "resnet18": (("mart", "resnet18"), lambda: tm.ResNet()),
     "trades_wrn": (("trades", "wrn34_10"), lambda: tm.WideResNet(sub_block1=True)),
     "wrn": (("robustbench", "wrn70_16"), lambda: tm.WideResNet(70, 16)),

@@ -44,7 +44,7 @@ def _assert_same(a_path, b_path, rtol=1e-4, atol=1e-5):
 # TRADES starts its attack at x + 0.001 N(0, 1), where the KL gradient is tiny and its sign
 # is float noise: FSR + TRADES can differ by one sign step under reordering, so FSR is
 # compared under PGD-AT.
-CASES = ("fsr", "pgd_at"), ("cas", "trades")
+CASES = ("fsr", "pgd_at"), ("cas", "trades"), ("cifs", "pgd_at")
 
 
 def test_eight_devices_equal_one(tmp_path):

@@ -80,8 +80,45 @@ def cas(fc: nn.Linear, out, aux: list):
   return out * fc.weight[logits.argmax(1)][:, :, None, None]
 
 
+class NonlinearProbe(nn.Module):
+  """CIFS's nlBlock: global average pool, Linear, Softplus(beta=5)."""
+
+  def __init__(self, cin: int, hidden: int):
+    super().__init__()
+    self.fc = nn.Linear(cin, hidden)
+
+  def forward(self, x):
+    return F.softplus(self.fc(x.mean(dim=(2, 3))), beta=5)
+
+
+class Pool(nn.Module):
+  def forward(self, x):
+    return x.mean(dim=(2, 3))
+
+
+class CIFSProbe(nn.Module):
+  """CIFS's module (resnet_CIFS.py `CIFS`) in eval mode: the relevance is the gradient of
+  the probe's top-2 logits w.r.t. the detached feature map, summed over H and W."""
+
+  def __init__(self, c: int, mode: str, num_classes: int = 10):
+    super().__init__()
+    first = Pool() if mode == "linear" else NonlinearProbe(c, 128)
+    self.Probe = nn.Sequential(first, nn.Linear(c if mode == "linear" else 128, num_classes))
+
+  def forward(self, feat, aux):
+    with torch.enable_grad():
+      leaf = feat.detach().clone().requires_grad_(True)
+      logits = self.Probe(leaf)
+      top2 = logits.topk(2, dim=1)[1]
+      picked = logits.gather(1, top2).sum()
+      relevance = torch.autograd.grad(picked, leaf)[0].sum(dim=(2, 3))
+    aux.append(self.Probe(feat))
+    return feat * torch.softmax(relevance, dim=1)[:, :, None, None]
+
+
 class BasicBlock(nn.Module):
-  def __init__(self, cin: int, planes: int, stride: int, cas_head: bool = False):
+  def __init__(self, cin: int, planes: int, stride: int, cas_head: bool = False,
+               cifs_probe: str | None = None):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -93,16 +130,21 @@ class BasicBlock(nn.Module):
                                     nn.BatchNorm2d(planes))
     if cas_head:
       self.fc = nn.Linear(planes, 10)
+    if cifs_probe:
+      self.Probe = CIFSProbe(planes, cifs_probe)
 
   def forward(self, x, aux):
     out = F.relu(self.bn1(self.conv1(x)))
     out = F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+    if hasattr(self, "Probe"):
+      return self.Probe(out, aux)
     return cas(self.fc, out, aux) if hasattr(self, "fc") else out
 
 
 class ResNet(nn.Module):
-  """kuangliu's ResNet as TRADES / MART / RobustBench, FSR's ResNet18_FSR (defense="fsr")
-  and CAS's (defense="cas": CASBlocks in layer4)."""
+  """kuangliu's ResNet as TRADES / MART / RobustBench, FSR's ResNet18_FSR (defense="fsr"),
+  CAS's (defense="cas": CASBlocks in layer4) and CIFS's ResNet18_L4 (defense="cifs": CIFS
+  blocks in layer4, nonlinear then linear probe)."""
 
   def __init__(self, blocks=(2, 2, 2, 2), width=64, num_classes=10, defense="none", hidden=64,
                in_channels=3):
@@ -114,8 +156,11 @@ class ResNet(nn.Module):
       planes = width * 2**s
       layer = []
       for b in range(n):
-        layer.append(BasicBlock(cin, planes, 2 if s and not b else 1,
-                                cas_head=defense == "cas" and s == len(blocks) - 1))
+        last = s == len(blocks) - 1
+        layer.append(BasicBlock(
+            cin, planes, 2 if s and not b else 1, cas_head=defense == "cas" and last,
+            cifs_probe=(("linear" if b == n - 1 else "nonlinear")
+                        if defense == "cifs" and last else None)))
         cin = planes
       setattr(self, f"layer{s + 1}", nn.ModuleList(layer))
     if defense == "fsr":

@@ -83,12 +83,16 @@ def defense_loss(defense: defenses.DefenseConfig) -> LossFn:
   return loss
 
 
-def with_cas_heads(base: LossFn, beta: float) -> LossFn:
-  """`base` on the main logits + beta x the mean of `base` on each CAS head's logits (the
-  CAS evaluation's attack loss, Bai et al.'s pgd_attack_cifar10_cas.py); `base` alone for a
-  model without CAS heads."""
+HEADS = ("cas/", "cifs/")  # Auxiliary outputs that are class predictions.
+
+
+def with_aux_heads(base: LossFn, beta: float) -> LossFn:
+  """`base` on the main logits + beta x the mean of `base` on each CAS head's or CIFS
+  probe's logits (the joint attack loss of the CAS evaluation, Bai et al.'s
+  pgd_attack_cifar10_cas.py, and of CIFS's, CIFAR10_Res18_CIFS_test.py); `base` alone for a
+  model without such heads."""
   def loss(output: ModelOutput, labels: jax.Array) -> jax.Array:
-    heads = [v for k, v in sorted(output.aux.items()) if k.startswith("cas/")]
+    heads = [v for k, v in sorted(output.aux.items()) if k.startswith(HEADS)]
     total = base(output, labels)
     if heads:
       total = total + beta * sum(base(ModelOutput(h, {}), labels) for h in heads) / len(heads)

@@ -15,25 +15,35 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdefense.defenses import cas, fsr
+from jaxdefense.defenses import cas, cifs, fsr
 
-NAMES = ("none", "cas", "fsr")
+NAMES = ("none", "cas", "fsr", "cifs")
+LABELLED = ("cas", "cifs")  # Defenses whose training-mode mask uses the label.
 
 
 @dataclasses.dataclass(frozen=True)
 class DefenseConfig:
-  """Which defense, where, and its hyper-parameters (METHOD.md sections 1-2).
+  """Which defense, where, and its hyper-parameters (METHOD.md sections 1-2, CIFS.md).
 
   `sites` are insertion-point names or glob patterns (`"layer4.*"`); None means the
   authors' placement for the host backbone.
   """
   name: str = "none"
   sites: tuple[str, ...] | None = None
-  beta: float = 2.0      # CAS: weight of the mean auxiliary CE.
+  beta: float = 2.0      # CAS, CIFS: weight of the mean auxiliary (probe) CE.
   tau: float = 0.1       # FSR: Gumbel-sigmoid temperature.
   lam_sep: float = 1.0   # FSR: weight of the separation CE terms.
   lam_rec: float = 1.0   # FSR: weight of the recalibration CE term.
   hidden: int = 64       # FSR: width of the separation / recalibration nets.
+  # CIFS: the nonlinear probe's width (None: the backbone's, 128; WRN 240), the sites with
+  # the linear probe (None: the deepest active site; the others get the nonlinear one),
+  # the mask's scale, the 3/(beta+1) loss rescale, and whether the relevance is taken at
+  # the detached pooled features (the authors'; False: attacks see the mask's gradient).
+  probe_hidden: int | None = None
+  linear_sites: tuple[str, ...] | None = None
+  mask_scale: float = 1.0
+  loss_rescale: bool = True
+  mask_stop_gradient: bool = True
 
   def __post_init__(self):
     if self.name not in NAMES:
@@ -45,7 +55,11 @@ class DefenseConfig:
       if not self.sites:
         raise ValueError("defense.sites must name at least one insertion point, or be None "
                          "for the authors' placement")
-    for field in ("beta", "lam_sep", "lam_rec"):
+    if self.linear_sites is not None:
+      object.__setattr__(self, "linear_sites", tuple(self.linear_sites))
+    if self.probe_hidden is not None and self.probe_hidden < 1:
+      raise ValueError(f"defense.probe_hidden must be >= 1, got {self.probe_hidden}")
+    for field in ("beta", "lam_sep", "lam_rec", "mask_scale"):
       if not getattr(self, field) >= 0:
         raise ValueError(f"defense.{field} must be >= 0, got {getattr(self, field)}")
     if not self.tau > 0:
@@ -87,10 +101,10 @@ class Hooks:
 
   def __init__(self, host: Any, defense: DefenseConfig, active: frozenset[str], *,
                num_classes: int, labels: jax.Array | None, train: bool, stochastic_mask: bool,
-               inits: Inits, dtype: Any):
-    if defense.name == "cas" and train and labels is None:
-      raise ValueError("CAS in training mode masks channels by the ground-truth label: "
-                       "pass labels=... to the model when train=True")
+               inits: Inits, dtype: Any, order: tuple[str, ...] = (), cifs_hidden: int = 128):
+    if defense.name in LABELLED and train and labels is None:
+      raise ValueError(f"{defense.name.upper()} in training mode masks channels by the "
+                       "ground-truth label: pass labels=... to the model when train=True")
     self.host = host
     self.defense = defense
     self.active = active if defense.name != "none" else frozenset()
@@ -101,6 +115,13 @@ class Hooks:
     self.inits = inits
     self.dtype = dtype
     self.aux: dict[str, jax.Array] = {}
+    self.linear_sites = defense.linear_sites
+    if self.linear_sites is None:
+      self.linear_sites = (max(self.active, key=order.index),) if self.active else ()
+    elif not set(self.linear_sites) <= self.active:
+      raise ValueError(f"defense.linear_sites {sorted(set(self.linear_sites) - self.active)} "
+                       f"are not active CIFS sites; active: {sorted(self.active)}")
+    self.cifs_hidden = defense.probe_hidden or cifs_hidden
 
   def __call__(self, site: str, x: jax.Array) -> jax.Array:
     """The feature map at `site`, defended if the site is active. Both sides are recorded
@@ -117,6 +138,14 @@ class Hooks:
       x, logits = cas.CAS(self.num_classes, inits=self.inits, dtype=self.dtype,
                           name=f"cas_{name}")(x, self.labels, train=self.train)
       self.aux[f"cas/{site}"] = logits
+    elif self.defense.name == "cifs":
+      probe = "linear" if site in self.linear_sites else "nonlinear"
+      x, logits = cifs.CIFS(self.num_classes, inits=self.inits, probe=probe,
+                            hidden=self.cifs_hidden, mask_scale=self.defense.mask_scale,
+                            mask_stop_gradient=self.defense.mask_stop_gradient,
+                            dtype=self.dtype, name=f"cifs_{name}")(x, self.labels,
+                                                                   train=self.train)
+      self.aux[f"cifs/{site}"] = logits
     else:
       x, parts = fsr.FSR(self.num_classes, tau=self.defense.tau, hidden=self.defense.hidden,
                          inits=self.inits, dtype=self.dtype, name=f"fsr_{name}")(
@@ -131,6 +160,8 @@ def aux_loss(defense: DefenseConfig, logits: jax.Array, aux: dict[str, jax.Array
   """The defense's per-example auxiliary loss and its named parts (each shape (N,))."""
   if defense.name == "cas":
     return cas.aux_loss(aux, labels, beta=defense.beta)
+  if defense.name == "cifs":
+    return cifs.aux_loss(logits, aux, labels, beta=defense.beta, rescale=defense.loss_rescale)
   if defense.name == "fsr":
     return fsr.aux_loss(logits, aux, labels, lam_sep=defense.lam_sep, lam_rec=defense.lam_rec)
   return jnp.zeros(labels.shape, jnp.float32), {}

@@ -94,6 +94,8 @@ class Backbone(nn.Module):
   input_mean: tuple[float, ...] | None = None
   input_std: tuple[float, ...] | None = None
 
+  cifs_hidden = 128  # CIFS's nonlinear probe width on this backbone (the authors' ResNet's).
+
   @property
   def act(self):
     if self.activation not in ACTIVATIONS:
@@ -132,7 +134,8 @@ class Backbone(nn.Module):
     return defenses.Hooks(
         self, self.defense, self.active_sites(), num_classes=self.num_classes, labels=labels,
         train=train, stochastic_mask=train if stochastic_mask is None else stochastic_mask,
-        inits=inits, dtype=self.dtype)
+        inits=inits, dtype=self.dtype, order=self.insertion_points(),
+        cifs_hidden=self.cifs_hidden)
 
 
 PADDINGS = ("symmetric", "asymmetric")

@@ -3,8 +3,8 @@
 Insertion points: `stem` (after the stem's BN-ReLU) and `layer<s>.<b>` (output of block b
 of stage s, 1-based stages, 0-based blocks); PreAct ResNet adds `final` (the last BN-ReLU,
 before pooling). Authors' placements: CAS on every block of the last stage (Bai et al.);
-FSR after the last stage (Kim et al.). Initialisation: PyTorch's defaults, as both
-authors' ResNets use.
+FSR after the last stage (Kim et al.); CIFS on the last two blocks (Yan et al.).
+Initialisation: PyTorch's defaults, as the authors' ResNets use.
 """
 from __future__ import annotations
 
@@ -84,6 +84,8 @@ class ResNet(common.Backbone):
     last = len(self.stage_sizes)
     if defense_name == "cas":
       return (f"layer{last}.*",)
+    if defense_name == "cifs":  # The last two blocks: layer4.0 and layer4.1 of ResNet-18.
+      return self.insertion_points()[-2:]
     return (f"layer{last}.{self.stage_sizes[-1] - 1}",)
 
   @nn.compact
@@ -102,7 +104,7 @@ class ResNet(common.Backbone):
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
                       bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)
-    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+    return common.ModelOutput(logits.astype(jnp.promote_types(self.dtype, jnp.float32)), hooks.aux)
 
 
 class PreActBlock(nn.Module):
@@ -150,6 +152,8 @@ class PreActResNet(common.Backbone):
   def default_sites(self, defense_name: str) -> tuple[str, ...]:
     if defense_name == "cas":
       return (f"layer{len(self.stage_sizes)}.*",)
+    if defense_name == "cifs":  # As on ResNet: the last two blocks.
+      return self.insertion_points()[-3:-1]
     return ("final",)
 
   @nn.compact
@@ -173,7 +177,7 @@ class PreActResNet(common.Backbone):
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
                       bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)
-    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+    return common.ModelOutput(logits.astype(jnp.promote_types(self.dtype, jnp.float32)), hooks.aux)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))

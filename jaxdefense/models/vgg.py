@@ -4,7 +4,8 @@ Five stages of conv3x3(+bias)-BN-ReLU layers (64x2, 128x2, 256x3, 512x3, 512x3),
 stage followed by 2x2 max-pooling, then global average pooling and a three-layer
 classifier (512-512-K). Insertion points: `stage<s>.<c>` (output of conv layer c of stage
 s, after its ReLU, before any pooling). Authors' placements: CAS on every layer of stage 5
-(Bai et al.); FSR after stage 4, before its max-pool (Kim et al.). Initialisation as the
+(Bai et al.); FSR after stage 4, before its max-pool (Kim et al.); CIFS on the last two
+layers of stage 5 (our choice: the CIFS code has no VGG). Initialisation as the
 FSR code: He-normal (fan_out) convolutions, N(0, 0.01) Linear weights, zero biases;
 `init_scheme="torch"` is the CAS code's (PyTorch's defaults, biases included), and
 `classifier_batchnorm=True` its Linear-BN-ReLU classifier.
@@ -39,6 +40,8 @@ class VGG(common.Backbone):
     last = len(self.stages)
     if defense_name == "cas":
       return (f"stage{last}.*",)
+    if defense_name == "cifs":  # Ours (the CIFS code has no VGG): the last two layers.
+      return self.insertion_points()[-2:]
     return (f"stage{last - 1}.{len(self.stages[-2]) - 1}",)
 
   @nn.compact
@@ -72,7 +75,7 @@ class VGG(common.Backbone):
     logits = nn.Dense(self.num_classes, kernel_init=inits.dense_kernel,
                       bias_init=inits.dense_bias(x.shape[-1]), dtype=self.dtype,
                       name="classifier")(x)
-    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+    return common.ModelOutput(logits.astype(jnp.promote_types(self.dtype, jnp.float32)), hooks.aux)
 
 
 VGG16 = functools.partial(VGG, stages=VGG16_STAGES)

@@ -4,9 +4,9 @@ literature (Madry's / TRADES' WRN-34-10), as in both authors' code.
 Insertion points: `stem` (first conv), `block<s>.<b>.preact` (inside block b of stage s:
 its BN-ReLU pre-activated input, before its first conv, on the conv path), `block<s>.<b>`
 (block output) and `final` (the last BN-ReLU, before pooling). Authors' placements:
-CAS in the last block of stage 3 (pre-activation) and on `final` (Bai et al.); FSR on
-`final` (Kim et al.). Initialisation as theirs: He-normal (fan_out) convolutions, zero
-Linear biases.
+CAS and CIFS in the last block of stage 3 (pre-activation) and on `final` (Bai et al.,
+Yan et al.); FSR on `final` (Kim et al.). Initialisation as theirs: He-normal (fan_out)
+convolutions, zero Linear biases.
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class WideResNet(common.Backbone):
   depth: int = 34
   width: int = 10
   conv_padding: str = "symmetric"
+  cifs_hidden = 240  # The CIFS authors' WRN probe width.
 
   @property
   def blocks_per_stage(self) -> int:
@@ -78,7 +79,7 @@ class WideResNet(common.Backbone):
     return tuple(points + ["final"])
 
   def default_sites(self, defense_name: str) -> tuple[str, ...]:
-    if defense_name == "cas":
+    if defense_name in ("cas", "cifs"):
       return (f"block3.{self.blocks_per_stage - 1}.preact", "final")
     return ("final",)
 
@@ -101,7 +102,7 @@ class WideResNet(common.Backbone):
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=INITS.dense_kernel,
                       bias_init=INITS.dense_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
-    return common.ModelOutput(logits.astype(jnp.float32), hooks.aux)
+    return common.ModelOutput(logits.astype(jnp.promote_types(self.dtype, jnp.float32)), hooks.aux)
 
 
 WRN34_10 = functools.partial(WideResNet, depth=34, width=10)
