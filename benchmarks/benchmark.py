@@ -4,7 +4,7 @@ r"""Throughput, FLOPs, MFU, compile time and memory of PGD-10, the AT step and e
     python benchmarks/benchmark.py --models=resnet18,wrn34_10 --batch_sizes=resnet18:32,wrn34_10:8
     python benchmarks/benchmark.py --dtype=bfloat16 --json=results.json   # on a GPU / TPU
 
-For every model, defense (none, CAS, FSR) and batch size it reports images per second of
+For every model, defense (none, CAS, FSR, CIFS) and batch size it reports images per second of
 (a) the PGD attack alone (the model as deployed), (b) the full adversarial-training step
 (`train.train_step` with the `pgd_at` objective: augmentation, attack, update; donated
 state) and (c) the evaluation forward pass; the step's FLOPs from XLA's cost analysis of
@@ -31,11 +31,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import attacks, data, default_config, objectives, train, xla_flags
+from jaxdefense import attacks, data, default_config, defenses, objectives, train, xla_flags
 
 MODELS = ("resnet18", "wrn34_10", "vgg16")
 ISSUE_MODELS = "resnet18,wrn34_10"  # The accelerator default: the two the targets name.
-DEFENSES = ("none", "cas", "fsr")
+DEFENSES = ("none", "cas", "fsr", "cifs")
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 DEFAULT_BATCH_SIZES = {
@@ -195,7 +195,7 @@ def build(arch: str, defense: str, dtype: str, steps: int):
   step = functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
                            augment=augment, ema_decay=0.0)
   # The training attack's loss, as `attack.loss="auto"` picks it in the step.
-  loss = (attacks.losses.defense_loss(defense_config) if defense == "cas"
+  loss = (attacks.losses.defense_loss(defense_config) if defense in defenses.LABELLED
           else attacks.losses.cross_entropy)
 
   def attack(variables, x, labels, key):

@@ -5,7 +5,8 @@ point (the defended ones; the CAS placement for an undefended model), the mean a
 magnitude per channel on natural and on PGD examples, its uniformity (normalised entropy of
 the channel-magnitude distribution: 1 = all channels equally active), and for FSR the
 fraction of activations its mask marks non-robust (m < 0.5) on natural vs adversarial
-inputs; and the CAS paper's activation frequency exactly as its script measures it (the
+inputs, for CIFS the mean channel importance (its softmax mask) natural vs adversarial;
+and the CAS paper's activation frequency exactly as its script measures it (the
 site's input, before the mask; the images of one class, `analysis.class_index`; a channel
 active when its spatial mean exceeds 1% of the sample's largest; natural vs PGD-20 on the
 CAS loss). Numbers go to `DIR/analysis.json`; sorted bar plots to
@@ -44,8 +45,8 @@ def normalised_entropy(magnitudes: np.ndarray) -> float:
 
 
 def _statistics(model, variables, x, weight, sites):
-  """Per-site channel sums of |activation| over (N, H, W) and FSR mask counts, each
-  example weighted by `weight` (0 for padding)."""
+  """Per-site channel sums of |activation| over (N, H, W), FSR mask counts and CIFS mask
+  sums, each example weighted by `weight` (0 for padding)."""
   _, state = model.apply(variables, x, train=False, mutable=["features", "intermediates"])
   w = weight[:, None, None, None]
   out = {}
@@ -58,6 +59,30 @@ def _statistics(model, variables, x, weight, sites):
     if "fsr_" in name:
       out[name] = {"non_robust": jnp.sum((mask < 0.5) * w),
                    "total": jnp.sum(weight) * np.prod(mask.shape[1:])}
+    if "cifs_" in name:  # Named by its module path, e.g. "block3_4/cifs_block3_4_preact".
+      module = "/".join(k.key for k in path if isinstance(k, jax.tree_util.DictKey)
+                        and k.key != "mask")
+      out[module] = {"importance_sum": jnp.sum(mask * weight[:, None], axis=0),
+                   "count": jnp.sum(weight)}
+  return out
+
+
+def _cifs_masks(natural: dict, adversarial: dict) -> dict[str, Any]:
+  """Per CIFS module: the mean channel importance natural vs adversarial, its uniformity
+  and how many of the 10 most important channels the two share."""
+  out = {}
+  for name in natural:
+    if "cifs_" not in name:
+      continue
+    entry = {}
+    for kind, stats in (("natural", natural), ("adversarial", adversarial)):
+      mean = np.asarray(stats[name]["importance_sum"]) / max(float(stats[name]["count"]), 1)
+      entry[kind] = {"channel_importance": mean.tolist(), "uniformity": normalised_entropy(mean),
+                     "max": float(mean.max())}
+    top = [set(np.argsort(-np.asarray(entry[k]["channel_importance"]))[:10])
+           for k in ("natural", "adversarial")]
+    entry["top10_shared"] = len(top[0] & top[1])
+    out[name] = entry
   return out
 
 
@@ -158,9 +183,12 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
                                                      / natural[name]["total"]),
                 "adversarial_non_robust_fraction": float(adversarial[name]["non_robust"]
                                                          / adversarial[name]["total"])}
-         for name in natural if name not in sites}
+         for name in natural if "fsr_" in name}
   if fsr:
     report["fsr_masks"] = fsr
+  cifs = _cifs_masks(natural, adversarial)
+  if cifs:
+    report["cifs_masks"] = cifs
   return report
 
 
@@ -198,6 +226,18 @@ def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
     ax.set_title(f"{site}: uniformity natural {entry['natural']['uniformity']:.3f}, "
                  f"adversarial {entry['adversarial']['uniformity']:.3f}")
     written.append(_save(fig, workdir / f"analysis_{site}.png"))
+  for name, entry in report.get("cifs_masks", {}).items():
+    nat = np.asarray(entry["natural"]["channel_importance"])
+    adv = np.asarray(entry["adversarial"]["channel_importance"])
+    order = np.argsort(-nat, kind="stable")
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(np.arange(len(nat)), nat[order], width=1.0, alpha=0.7, label="natural")
+    ax.bar(np.arange(len(adv)), adv[order], width=1.0, alpha=0.7, label=report["attack"])
+    ax.set_xlabel("channel (sorted by natural importance)")
+    ax.set_ylabel("mean CIFS mask")
+    ax.set_title(f"{name}: top-10 channels shared {entry['top10_shared']}/10")
+    filename = f"analysis_{name.split('/')[-1]}.png"
+    written.append(_save(fig, workdir / filename))
   frequency = report.get("activation_frequency")
   for site, entry in (frequency or {}).get("sites", {}).items():
     nat, adv = np.asarray(entry["natural"]), np.asarray(entry["adversarial"])
@@ -241,6 +281,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
       print(f"FSR mask {name}: non-robust fraction natural "
             f"{entry['natural_non_robust_fraction']:.4f} adversarial "
             f"{entry['adversarial_non_robust_fraction']:.4f}", flush=True)
+    for name, entry in report.get("cifs_masks", {}).items():
+      print(f"CIFS mask {name}: largest mean channel importance natural "
+            f"{entry['natural']['max']:.4f} adversarial {entry['adversarial']['max']:.4f}; "
+            f"uniformity natural {entry['natural']['uniformity']:.4f} adversarial "
+            f"{entry['adversarial']['uniformity']:.4f}; top-10 channels shared "
+            f"{entry['top10_shared']}", flush=True)
     frequency = report["activation_frequency"]
     for site, entry in frequency["sites"].items():
       print(f"{site} (before the mask), class {frequency['class_index']}, "

@@ -36,7 +36,7 @@ def test_bad_batch_sizes_are_named(spec, message):
 def test_bad_options_are_refused(capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--defenses=fsr,sap"])
-  assert "--defenses must name one or more of none, cas, fsr; got fsr, sap" in (
+  assert "--defenses must name one or more of none, cas, fsr, cifs; got fsr, sap" in (
       capsys.readouterr().err)
 
 

@@ -162,10 +162,10 @@ def test_model_places_a_nonlinear_then_a_linear_probe():
 
 def test_training_mode_needs_labels_and_trades_is_refused():
   model = _tiny_model()
+  variables = jax.eval_shape(lambda: models.init(model, jax.random.key(0), (8, 8, 1)))
   with pytest.raises(ValueError, match="CIFS in training mode masks channels by the"):
-    models.init(model, jax.random.key(0), (8, 8, 1))  # Fine: init runs in eval mode.
-    model.apply(models.init(model, jax.random.key(0), (8, 8, 1)), jnp.zeros((2, 8, 8, 1)),
-                train=True, mutable=["batch_stats"])
+    jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 8, 8, 1)), train=True,
+                                         mutable=["batch_stats"]), variables)
   with pytest.raises(ValueError, match="objective 'trades' is not defined for CIFS"):
     objectives.make("trades", model, model.defense, objectives.AttackConfig())
 
@@ -177,13 +177,14 @@ def test_deployed_input_gradient_equals_finite_differences(mask_gradient):
   the same network with the masks held at their values."""
   with jax.enable_x64(True):
     model = _tiny_model(jnp.float64, mask_stop_gradient=not mask_gradient)
-    variables = jax.tree.map(lambda v: np.asarray(v, np.float64),
-                             models.init(model, jax.random.key(1), (8, 8, 1)))
+    variables = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.jit(
+        lambda k: models.init(model, k, (8, 8, 1)))(jax.random.key(1)))
     x = np.random.default_rng(0).uniform(size=(2, 8, 8, 1))
     labels = jnp.array([1, 3])
     frozen = {}
     if not mask_gradient:  # The masks of x, held fixed (module outputs replaced).
-      _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+      _, state = jax.jit(lambda v: model.apply(variables, v, train=False,
+                                               mutable=["intermediates"]))(x)
       frozen = {k: v["mask"][0] for k, v in state["intermediates"].items()}
 
     @jax.jit

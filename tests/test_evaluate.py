@@ -102,6 +102,32 @@ def test_analysis(trained_fsr):
   assert os.path.exists(os.path.join(workdir, "analysis_frequency_layer2.0.png"))
 
 
+def test_cifs_protocol_and_mask_analysis(tmp_path, rolled_attack_loops):
+  """A naturally trained tiny CIFS model: the cifs protocol runs its eight attacks (none
+  above natural accuracy), the attack through the mask's input dependence runs, and the
+  analysis reports each CIFS module's mean channel importance (a softmax: sums to 1)."""
+  config = _config("cifs")
+  config.train.epochs = 2
+  config.eval.attacks = ()
+  config.eval.protocol = "cifs"
+  train.train_and_evaluate(config, str(tmp_path))
+  r = evaluate.run(config, str(tmp_path), which="latest")["results"]
+  assert [k for k in r if k not in ("natural", "worst_case")] == list(evaluate.PROTOCOLS["cifs"])
+  for name in evaluate.PROTOCOLS["cifs"]:
+    assert r[name]["accuracy"] <= r["natural"]["accuracy"], name
+  config.eval.attacks = ("cifs_mask_pgd100",)
+  r = evaluate.run(config, str(tmp_path), which="latest")["results"]
+  assert r["cifs_mask_pgd100"]["accuracy"] < r["natural"]["accuracy"]
+  report = analysis.run(config, str(tmp_path), which="latest")
+  assert set(report["cifs_masks"]) == {"cifs_layer1_0", "cifs_layer2_0"}
+  for entry in report["cifs_masks"].values():
+    for kind in ("natural", "adversarial"):
+      assert sum(entry[kind]["channel_importance"]) == pytest.approx(1, rel=1e-5)
+      assert 0 < entry[kind]["uniformity"] <= 1
+    assert 0 <= entry["top10_shared"] <= 10
+  assert (tmp_path / "analysis_cifs_layer2_0.png").exists()
+
+
 def test_active_channels_against_numpy():
   """Bai et al.'s activation frequency: channel active iff its spatial mean > 1% of the
   sample's largest channel mean (negative means, from pre-ReLU sites, are never active)."""
@@ -121,16 +147,17 @@ def test_normalised_entropy():
 
 
 def test_cas_protocol_loss_is_main_plus_beta_mean_head_loss():
-  """losses.with_cas_heads against a NumPy re-derivation: CE(main) + beta mean_k CE(head_k),
-  and C&W kappa 0 the same way; a model without CAS heads gets the main term alone."""
+  """losses.with_aux_heads against a NumPy re-derivation: CE(main) + beta mean_k CE(head_k)
+  over CAS heads and CIFS probes, and C&W kappa 0 the same way; a model without such heads
+  gets the main term alone."""
   from jaxdefense.attacks import losses
   from jaxdefense.models import ModelOutput
   from tests.reference import np_ce
   rng = np.random.default_rng(0)
   main, h1, h2 = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(3))
   labels = np.array([0, 1, 2, 3, 1])
-  out = ModelOutput(main, {"cas/layer4.0": h1, "cas/layer4.1": h2, "fsr/x/robust": main})
-  got = losses.with_cas_heads(losses.cross_entropy, 2.0)(out, labels)
+  out = ModelOutput(main, {"cas/layer4.0": h1, "cifs/layer4.1": h2, "fsr/x/robust": main})
+  got = losses.with_aux_heads(losses.cross_entropy, 2.0)(out, labels)
   np.testing.assert_allclose(got, np_ce(main, labels) + 2.0 * (np_ce(h1, labels)
                                                                + np_ce(h2, labels)) / 2,
                              rtol=1e-5)
@@ -139,9 +166,9 @@ def test_cas_protocol_loss_is_main_plus_beta_mean_head_loss():
     true = z[np.arange(5), labels]
     other = np.where(np.eye(4, dtype=bool)[labels], -np.inf, z).max(-1)
     return -np.maximum(true - other, 0)
-  got = losses.with_cas_heads(losses.cw(0.0), 2.0)(out, labels)
+  got = losses.with_aux_heads(losses.cw(0.0), 2.0)(out, labels)
   np.testing.assert_allclose(got, np_cw0(main) + (np_cw0(h1) + np_cw0(h2)), rtol=1e-5)
-  plain = losses.with_cas_heads(losses.cross_entropy, 2.0)(ModelOutput(main, {}), labels)
+  plain = losses.with_aux_heads(losses.cross_entropy, 2.0)(ModelOutput(main, {}), labels)
   np.testing.assert_allclose(plain, np_ce(main, labels), rtol=1e-5)
 
 
