@@ -87,6 +87,8 @@ def get() -> ml_collections.ConfigDict:
   c.eval.batch_size = 200
   c.eval.eps = 8 / 255
   c.eval.seed = 0
+  c.eval.dtype = ""                   # Compute dtype of the evaluation ("" = model.dtype;
+  #                                     bfloat16: perturbations and losses stay float32).
   # fsr | cas | autoattack | full: the attacks of each paper's protocol, RobustBench's, or
   # all of them with the adaptive ones (jaxdefense.evaluate.PROTOCOLS).
   c.eval.protocol = "full"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import time
 from typing import Any, Callable
@@ -33,7 +35,8 @@ class Attack:
   """One column of the table: how to find x' for a batch, and what it is."""
   title: str
   run: Callable[..., tuple[jax.Array, jax.Array]]  # (model, defense, variables, x, labels,
-  #   key) -> (correct, finite), each (N,) (see `_correct`)
+  #   key, *, eps, count) -> (correct, finite), each (N,) (see `_correct`); `count` wraps
+  #   every model function the attack calls (PassCounter.wrap).
   params: dict[str, Any]
   applies: Callable[[str], bool] = lambda defense: True
 
@@ -48,11 +51,15 @@ def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
   return (jnp.argmax(logits, -1) == labels) & finite, finite
 
 
+def _uncounted(model_fn):
+  return model_fn
+
+
 def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str = "ce",
                 eot_samples: int = 0, mask_gradient: bool = False):
   """PGD on `loss`; `mask_gradient`: through CIFS's mask as a function of the input (the
   relevance at the live pooled features), which the authors' attacks never see."""
-  def run(model, defense, variables, x, labels, key, *, eps):
+  def run(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
     loss_fn = {"ce": losses.cross_entropy, "cw": losses.cw(50.0),
                "defense": losses.defense_loss(defense),
                "heads_ce": losses.with_aux_heads(losses.cross_entropy, defense.beta),
@@ -62,10 +69,10 @@ def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str 
     if mask_gradient:
       attacked = model.clone(defense=dataclasses.replace(model.defense,
                                                          mask_stop_gradient=False))
-    model_fn = attacks.deployed(attacked, variables)
+    model_fn = count(attacks.deployed(attacked, variables))
     if eot_samples:
-      model_fn = lambda v, k: model.apply(variables, v, train=False, stochastic_mask=True,
-                                          rngs={"gumbel": k})
+      model_fn = count(lambda v, k: model.apply(variables, v, train=False,
+                                                stochastic_mask=True, rngs={"gumbel": k}))
     x_adv = attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=step_fraction * eps,
                         steps=steps, random_start=random_start, loss=loss_fn,
                         eot_samples=eot_samples)
@@ -73,20 +80,21 @@ def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str 
   return run
 
 
-def _fgsm(model, defense, variables, x, labels, key, *, eps):
+def _fgsm(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
   del defense, key
   return _correct(model, variables,
-                  attacks.fgsm(attacks.deployed(model, variables), x, labels, eps=eps), labels)
+                  attacks.fgsm(count(attacks.deployed(model, variables)), x, labels, eps=eps),
+                  labels)
 
 
 def _autoattack(version: str, options: dict):
-  def run(model, defense, variables, x, labels, key, *, eps):
+  def run(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
     del defense
     if version == "rand":
-      model_fn = lambda v, k: model.apply(variables, v, train=False, stochastic_mask=True,
-                                          rngs={"gumbel": k})
+      model_fn = count(lambda v, k: model.apply(variables, v, train=False,
+                                                stochastic_mask=True, rngs={"gumbel": k}))
     else:
-      model_fn = attacks.deployed(model, variables)
+      model_fn = count(attacks.deployed(model, variables))
     result = autoattack(model_fn, x, labels, key, eps=eps, version=version,
                         options=options or None)
     # Scored on the model as deployed, like every other column.
@@ -200,10 +208,47 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   guard.check_config(workdir, config)
 
 
+@dataclasses.dataclass
+class BatchResult:
+  correct: np.ndarray   # Per valid point: classified correctly under the attack.
+  finite: np.ndarray    # Per valid point: x' and its logits finite.
+  seconds: float
+  forward: int          # Forward passes (examples x model calls) the attack made.
+  backward: int
+
+
+class Record:
+  """Finished (attack, batch) results in a directory, so that an interrupted evaluation
+  continues where it stopped: one `<attack>.<batch>.npz` per batch (per point correct,
+  finite; seconds), written whole by process 0. Batches are seeded by their index, so a
+  batch run again gives the same result."""
+
+  def __init__(self, directory: epath.Path | None):
+    self.directory = directory
+
+  def _path(self, name: str, index: int) -> epath.Path:
+    return self.directory / f"{name}.{index:05d}.npz"
+
+  def get(self, name: str, index: int) -> BatchResult | None:
+    if self.directory is None or not self._path(name, index).exists():
+      return None
+    with np.load(io.BytesIO(self._path(name, index).read_bytes())) as f:
+      return BatchResult(f["correct"], f["finite"], float(f["seconds"]), int(f["forward"]),
+                         int(f["backward"]))
+
+  def put(self, name: str, index: int, result: BatchResult) -> None:
+    if self.directory is None or jax.process_index() != 0:
+      return
+    buffer = io.BytesIO()
+    np.savez(buffer, **dataclasses.asdict(result))
+    paths.write_bytes(self._path(name, index), buffer.getvalue())
+
+
 def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
              labels: np.ndarray, mesh, *, names: tuple[str, ...] | None = None,
-             progress: bool = True) -> dict[str, Any]:
-  """Per-attack and worst-case accuracy of `model` on (images, labels) (uint8 NHWC)."""
+             progress: bool = True, record: Record = Record(None)) -> dict[str, Any]:
+  """Per-attack and worst-case accuracy of `model` on (images, labels) (uint8 NHWC);
+  (attack, batch) results found in `record` are taken from it, new ones added."""
   e = config.eval
   defense = train.defense_config(config)
   attacks_by_name = suite(config)
@@ -215,31 +260,45 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   if e.eps < 0:
     raise ValueError(f"eval.eps must be >= 0, got {e.eps}")
 
-  def per_point(name: str, fn) -> tuple[np.ndarray, int, float]:
-    """Per point correct, the count of points with non-finite x' or logits, seconds."""
-    step = jax.jit(lambda v, batch, key: fn(v, batch["x"], batch["labels"], key))
-    out, non_finite, start = [], 0, time.time()
+  def per_point(name: str, fn) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per point correct; the count of points with non-finite x' or logits, seconds,
+    forward and backward passes."""
+    counter = attacks.PassCounter()
+    step = jax.jit(lambda v, batch, key: fn(v, batch["x"], batch["labels"], key,
+                                            count=counter.wrap))
+    out, totals = [], {"non_finite_points": 0, "time_s": 0.0, "forward_passes": 0,
+                       "backward_passes": 0}
     batches = list(data.eval_batches(images, labels, e.batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()))
     bar = tqdm.tqdm(batches, desc=name, unit="batch",
                     disable=not progress or jax.process_index() != 0)
     for i, (x, y, mask) in enumerate(bar):
-      batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
-      batch["x"] = data.to_float(batch["x"])
-      key = jax.random.fold_in(jax.random.key(e.seed), i)
-      correct, finite = map(parallel.to_host, step(variables, batch, key))
-      valid = parallel.to_host(batch["mask"])
-      out.append(correct[valid])
-      non_finite += int(np.sum(~finite[valid]))
-    return np.concatenate(out), non_finite, time.time() - start
+      result = record.get(name, i)
+      if result is None:
+        start, passes = time.time(), (counter.forward, counter.backward)
+        batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
+        batch["x"] = data.to_float(batch["x"])
+        key = jax.random.fold_in(jax.random.key(e.seed), i)
+        correct, finite = map(parallel.to_host, step(variables, batch, key))
+        valid = parallel.to_host(batch["mask"])
+        result = BatchResult(correct[valid], finite[valid], time.time() - start,
+                             counter.forward - passes[0], counter.backward - passes[1])
+        record.put(name, i, result)
+      out.append(result.correct)
+      totals["non_finite_points"] += int(np.sum(~result.finite))
+      totals["time_s"] += result.seconds
+      totals["forward_passes"] += result.forward
+      totals["backward_passes"] += result.backward
+    return np.concatenate(out), totals
 
-  natural_fn = lambda v, x, y, k: _correct(model, v, x, y)
+  natural_fn = lambda v, x, y, k, count: _correct(model, v, x, y)
   results: dict[str, Any] = {}
-  natural, non_finite, seconds = per_point("natural", natural_fn)
+  natural, totals = per_point("natural", natural_fn)
   results["natural"] = {"title": "Natural", "accuracy": float(natural.mean()),
-                        "num_points": int(natural.size), "non_finite_points": non_finite,
-                        "time_s": seconds}
+                        "num_points": int(natural.size),
+                        "non_finite_points": totals["non_finite_points"],
+                        "time_s": totals["time_s"]}
   worst = natural.copy()
   for name in names:
     attack = attacks_by_name[name]
@@ -247,14 +306,12 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
       results[name] = {"title": attack.title, "skipped": f"not applicable to defense "
                                                          f"{defense.name!r}"}
       continue
-    fn = functools.partial(attack.run, model, defense, eps=e.eps)
-    correct, non_finite, seconds = per_point(name, lambda v, x, y, k: fn(v, x, y, k))
+    correct, totals = per_point(name, functools.partial(attack.run, model, defense, eps=e.eps))
     correct &= natural  # Robust: correct naturally and under the attack.
     worst &= correct
     results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
-                     "num_points": int(correct.size), "non_finite_points": non_finite,
-                     "eps": e.eps, "norm": "linf", "seed": e.seed, "time_s": seconds,
-                     **attack.params}
+                     "num_points": int(correct.size), "eps": e.eps, "norm": "linf",
+                     "seed": e.seed, **totals, **attack.params}
   # The per-point worst case over every attack run. FSR's "Ensemble" is this over its
   # protocol's four attacks; over any other set it is named for what it is.
   title = "Ensemble (FSR)" if e.protocol == "fsr" and not tuple(e.attacks) else "Worst case"
@@ -265,7 +322,8 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
 
 
 def markdown_table(results: dict[str, Any], caption: str) -> str:
-  """The papers' table: one row, a column per attack in run order, the worst case last."""
+  """The papers' table: one row, a column per attack in run order, the worst case last;
+  then each attack's cost: seconds, forward and backward passes (examples x model calls)."""
   cols = [(r["title"], r) for r in results.values()]
   head = "| " + " | ".join(t for t, _ in cols) + " |"
   rule = "|" + "---|" * len(cols)
@@ -274,7 +332,11 @@ def markdown_table(results: dict[str, Any], caption: str) -> str:
   notes = [f"- {r['title']}: {r['skipped']}" for _, r in cols if "skipped" in r]
   notes += [f"- {r['title']}: {r['non_finite_points']} point(s) with non-finite x' or logits, "
             "counted as not robust" for _, r in cols if r.get("non_finite_points")]
-  return "\n".join([caption, "", head, rule, row, *([""] + notes if notes else []), ""])
+  cost = ["| attack | seconds | forward passes | backward passes |", "|---|---|---|---|"]
+  cost += [f"| {r['title']} | {r['time_s']:.1f} | {r['forward_passes']} | "
+           f"{r['backward_passes']} |" for _, r in cols if "forward_passes" in r]
+  return "\n".join([caption, "", head, rule, row, *([""] + notes if notes else []), "",
+                    *(cost + [""] if len(cost) > 2 else [])])
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
@@ -284,24 +346,35 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   train.validate(config, mesh)
   check_workdir(config, workdir)
   dataset = train.load_data(config)
-  model = train.build_model(config, dataset.num_classes)
-  variables, step = train.restore_variables(config, workdir, which, model, dataset.image_shape, mesh)
+  # eval.dtype: the model's compute dtype for evaluation; inputs, perturbations, logits and
+  # losses stay float32 (the backbones cast inputs in and logits out).
+  model = train.build_model(config, dataset.num_classes, dtype=config.eval.get("dtype") or None)
+  variables, step = train.restore_variables(config, workdir, which, model, dataset.image_shape,
+                                            mesh)
   n = config.eval.num_examples or len(dataset.test_labels)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
+  # Finished batches of an interrupted evaluation of this step with this config are reused.
+  identity = json.dumps({"step": step, "eval": config.eval.to_dict(), "points": len(labels),
+                         "model": guard.parameter_fields(config)}, sort_keys=True, default=str)
+  progress = workdir / "eval_progress" / hashlib.sha256(identity.encode()).hexdigest()[:16]
   if jax.process_index() == 0:
     print(f"evaluating {which} checkpoint (step {step}) of {workdir} on {len(labels)} "
-          f"{dataset.name} test points, eps {config.eval.eps:.4f} L-inf", flush=True)
-  results = evaluate(config, model, variables, images, labels, mesh)
+          f"{dataset.name} test points, eps {config.eval.eps:.4f} L-inf"
+          + (" (resuming: finished batches reused)" if progress.exists() else ""), flush=True)
+  results = evaluate(config, model, variables, images, labels, mesh, record=Record(progress))
   report = {"config": config.get("name", ""), "checkpoint": which, "step": step,
             "defense": config.defense.name, "arch": config.model.arch,
             "data": dataset.name, "eps": config.eval.eps,
-            "protocol": config.eval.protocol, "results": results}
+            "protocol": config.eval.protocol,
+            "dtype": config.eval.get("dtype") or config.model.dtype, "results": results}
   if jax.process_index() == 0:
     paths.write_text(workdir / "eval.json", json.dumps(report, indent=2))
     caption = (f"{config.get('name', '')}: {config.model.arch} + {config.defense.name}, "
-               f"{dataset.name}, {len(labels)} test points, eps {255 * config.eval.eps:g}/255 "
+               f"{report['dtype']} compute, {dataset.name}, {len(labels)} test points, eps {255 * config.eval.eps:g}/255 "
                f"L-inf, {which} checkpoint (step {step}); accuracy (%)")
     table = markdown_table(results, caption)
     paths.write_text(workdir / "eval.md", table)
     print(table, flush=True)
+    if progress.exists():
+      progress.rmtree()
   return report

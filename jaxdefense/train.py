@@ -49,9 +49,10 @@ def defense_config(config: ml_collections.ConfigDict) -> defenses.DefenseConfig:
       loss_rescale=d.loss_rescale)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
+def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: str | None = None):
+  """The config's model; `dtype` overrides its compute dtype (the parameters stay float32)."""
   return models.create(config.model.arch, num_classes=num_classes,
-                       defense=defense_config(config), dtype=config.model.dtype,
+                       defense=defense_config(config), dtype=dtype or config.model.dtype,
                        **dict(config.model.get("kwargs", {})))
 
 

@@ -260,3 +260,38 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_eval_killed_mid_attack_resumes_to_the_same_eval_json(trained, tmp_path):
+  """`--mode=eval` killed (SIGKILL) once its first attack has finished a batch, then run
+  again: it reuses the finished batches and ends with the eval.json of an uninterrupted
+  evaluation (times aside); the progress records are removed at the end."""
+  config, run = _copy(trained, tmp_path)
+  flags = ["--mode=eval", "--checkpoint=last", "--config.eval.batch_size=4",
+           "--config.eval.attacks=('pgd100','cw')"]
+  proc = _start_main(run, *flags)
+  progress = run / "eval_progress"
+  deadline = time.time() + 240
+  while not list(progress.glob("*/pgd100.*.npz")):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+    time.sleep(0.01)
+  proc.kill()
+  proc.communicate()
+  assert not (run / "eval.json").exists()
+  done = {p.name for p in progress.glob("*/*.npz")}
+  assert "natural.00000.npz" in done and len(done) < 1 + 2 * 12
+
+  resumed = _start_main(run, *flags)
+  output, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, output[-3000:]
+  assert "(resuming: finished batches reused)" in output
+  assert not progress.exists() or not list(progress.iterdir())
+
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size, config.eval.attacks = 4, ("pgd100", "cw")
+  _, fresh = _copy(trained, tmp_path / "uninterrupted")
+  reference = evaluate.run(config, fresh, which="latest")
+  strip = lambda results: {k: {f: v for f, v in r.items() if f != "time_s"}
+                           for k, r in results.items()}
+  got = json.loads((run / "eval.json").read_text())["results"]
+  assert strip(got) == strip(json.loads(json.dumps(reference["results"])))

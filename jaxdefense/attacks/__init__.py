@@ -1,6 +1,7 @@
 """Attacks on models as deployed (eval mode, gradients through the defense's masks)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,6 +16,41 @@ def deployed(model: Any, variables: Any) -> ModelFn:
   return lambda x: model.apply(variables, x, train=False)
 
 
+class PassCounter:
+  """Forward and backward passes through a model inside compiled attacks, one per example
+  and call as adv-lib reports them, counted on the host by debug callbacks (run in the
+  compiled loops). `wrap(model_fn)` counts the calls of `model_fn(x, *rest)`."""
+
+  def __init__(self):
+    self.forward = 0
+    self.backward = 0
+
+  def _add(self, kind: str, n: int) -> None:
+    setattr(self, kind, getattr(self, kind) + n)
+
+  def wrap(self, model_fn: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(x, *rest):
+      n = x.shape[0]
+      fn = lambda v: model_fn(v, *rest)
+
+      @jax.custom_vjp
+      def call(v):
+        jax.debug.callback(functools.partial(self._add, "forward", n))
+        return fn(v)
+
+      def forward(v):
+        jax.debug.callback(functools.partial(self._add, "forward", n))
+        return jax.vjp(fn, v)
+
+      def backward(vjp, cotangent):
+        jax.debug.callback(functools.partial(self._add, "backward", n))
+        return vjp(cotangent)
+
+      call.defvjp(forward, backward)
+      return call(x)
+    return counted
+
+
 def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..., jax.Array]:
   """A jit-compiled `(variables, x, labels, key) -> x_adv` for standalone use, e.g.
   `attacks.make(model, attacks.pgd, eps=8/255, step_size=2/255, steps=10)`."""
@@ -27,7 +63,7 @@ def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..
   return run
 
 
-__all__ = ["ModelFn", "deployed", "fgsm", "input_gradient", "losses", "make", "pgd", "project",
+__all__ = ["ModelFn", "PassCounter", "deployed", "fgsm", "input_gradient", "losses", "make", "pgd", "project",
            "uniform_start"]
 
 from jaxdefense.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted, step_size_halving
