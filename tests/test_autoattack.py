@@ -14,7 +14,7 @@ from scipy.optimize import linprog
 from tests.attack_models import accuracy, linf_distance, train_mlp
 from jaxdefense.attacks import apgd, apgd_targeted, autoattack, fab_targeted, square
 from jaxdefense.attacks.autoattack import version_attacks, version_options
-from jaxdefense.attacks.fab import project_linf_hyperplane
+from jaxdefense.attacks.fab import project_l2_hyperplane, project_linf_hyperplane
 from jaxdefense.attacks.square import p_selection, square_sizes
 from jaxdefense.models.common import ModelOutput
 
@@ -59,6 +59,42 @@ def test_fab_projection_is_the_least_linf_step():
     assert np.all(t[0] + d >= -1e-6) and np.all(t[0] + d <= 1 + 1e-6)
 
 
+def test_fab_l2_projection_by_hand():
+  """From t = (0.5, 0.5), the least-L2 step onto <w, t + d> = b inside [0, 1]^2, solved
+  by hand in each case below."""
+  t = jnp.array([[0.5, 0.5]])
+  d = np.asarray(project_l2_hyperplane(t, jnp.array([[1.0, 1.0]]), jnp.array([2.0])))[0]
+  # w = (1, 1), b = 2: the plane touches the box at the corner (1, 1): d = (0.5, 0.5).
+  np.testing.assert_allclose(d, [0.5, 0.5], atol=1e-6)
+  # w = (1, 3), b = 2.4 (<w, t> = 2): d = lambda w with 10 lambda = 0.4, inside the box.
+  d = np.asarray(project_l2_hyperplane(t, jnp.array([[1.0, 3.0]]), jnp.array([2.4])))[0]
+  np.testing.assert_allclose(d, [0.04, 0.12], atol=1e-6)
+  # b = 3.8: the unconstrained d = 1.8 w / 10 = (0.18, 0.54) leaves the box in coordinate
+  # 2; it stops at 0.5 (contributing 1.5), coordinate 1 supplies the remaining 0.3.
+  d = np.asarray(project_l2_hyperplane(t, jnp.array([[1.0, 3.0]]), jnp.array([3.8])))[0]
+  np.testing.assert_allclose(d, [0.3, 0.5], atol=1e-6)
+  # b = 5: even the corner (1, 1) gives only 4: the corner.
+  d = np.asarray(project_l2_hyperplane(t, jnp.array([[1.0, 3.0]]), jnp.array([5.0])))[0]
+  np.testing.assert_allclose(d, [0.5, 0.5], atol=1e-6)
+
+
+def test_fab_l2_projection_is_the_least_l2_step():
+  """Against the KKT conditions on random rows: on the plane (where reachable), inside the
+  box, and d = clip(-lambda w, box) for one lambda (read off an unclipped coordinate)."""
+  rng = np.random.default_rng(0)
+  t = rng.uniform(size=(50, 9)).astype(np.float32)
+  w = (rng.normal(size=(50, 9)) * (rng.uniform(size=(50, 9)) > 0.2)).astype(np.float32)
+  b = (np.sum(w * t, 1) + rng.normal(size=50)).astype(np.float32)
+  d = np.asarray(project_l2_hyperplane(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+  assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
+  for ti, wi, bi, di in zip(t, w, b, d):
+    free = (np.abs(di) > 1e-4) & (ti + di > 1e-4) & (ti + di < 1 - 1e-4) & (wi != 0)
+    if free.any():  # The hyperplane is reached, d follows one ray -lambda w.
+      assert float(wi @ (ti + di)) == pytest.approx(float(bi), abs=1e-4)
+      lam = (-di[free] / wi[free])[0]
+      np.testing.assert_allclose(di, np.clip(-lam * wi, -ti, 1 - ti), atol=1e-5)
+
+
 def test_square_schedule():
   assert [p_selection(0.8, i, 5000) for i in (0, 10, 11, 50, 51, 200, 201, 500, 501)] == \
       [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.1, 0.05]
@@ -79,6 +115,16 @@ def test_each_attack_breaks_trained_model(trained):
     x_adv = attack(model_fn, x, y, key, eps=eps)
     assert _inside(x_adv, x, eps)
     assert accuracy(model_fn, x_adv, y) < natural - 0.4
+
+
+def test_fab_l2_breaks_the_trained_model_inside_the_l2_ball(trained):
+  model_fn, x, y = trained
+  natural = accuracy(model_fn, x, y)
+  x_adv = fab_targeted(model_fn, x, y, jax.random.key(0), eps=1.0, norm="l2", steps=10,
+                       n_target=2, unroll=1)
+  norms = np.sqrt(np.sum(np.square(np.asarray(x_adv, np.float64) - np.asarray(x)), axis=1))
+  assert norms.max() <= 1.0 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+  assert accuracy(model_fn, x_adv, y) < natural - 0.4
 
 
 def test_standard_version_is_the_pointwise_worst_case(trained):
