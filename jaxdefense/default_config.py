@@ -87,14 +87,16 @@ def get() -> ml_collections.ConfigDict:
   c.eval.batch_size = 200
   c.eval.eps = 8 / 255
   c.eval.seed = 0
+  c.eval.norm = "linf"                # linf | l2 (l2: protocol autoattack, or PGD / AA attacks)
   c.eval.dtype = ""                   # Compute dtype of the evaluation ("" = model.dtype;
   #                                     bfloat16: perturbations and losses stay float32).
-  # fsr | cas | autoattack | full: the attacks of each paper's protocol, RobustBench's, or
-  # all of them with the adaptive ones (jaxdefense.evaluate.PROTOCOLS).
+  # fsr | cas | cifs | autoattack | full: the attacks of each paper's protocol,
+  # RobustBench's, or all of them with the adaptive ones (jaxdefense.evaluate.PROTOCOLS).
   c.eval.protocol = "full"
   # Non-empty: these attacks instead of the protocol's, of fgsm, pgd20, pgd100, pgd20_rs, cw,
-  # cas_fgsm, cas_pgd20, cas_cw, autoattack, autoattack_rand, adaptive, eot; the adaptive ones
-  # run where they apply (adaptive: CAS / FSR; eot, autoattack_rand: FSR).
+  # cas_fgsm, cas_pgd20, cas_cw, cifs_fgsm, cifs_pgd20, cifs_pgd100, cifs_cw,
+  # cifs_mask_pgd100, autoattack, autoattack_rand, adaptive, eot; the adaptive ones run
+  # where they apply (adaptive: CAS / FSR / CIFS; eot, autoattack_rand: FSR; cifs_mask: CIFS).
   c.eval.attacks = ()
   c.eval.adaptive_steps = 100         # PGD steps on the defense's own training loss.
   c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.

@@ -35,10 +35,11 @@ class Attack:
   """One column of the table: how to find x' for a batch, and what it is."""
   title: str
   run: Callable[..., tuple[jax.Array, jax.Array]]  # (model, defense, variables, x, labels,
-  #   key, *, eps, count) -> (correct, finite), each (N,) (see `_correct`); `count` wraps
-  #   every model function the attack calls (PassCounter.wrap).
+  #   key, *, eps, norm, count) -> (correct, finite), each (N,) (see `_correct`); `count`
+  #   wraps every model function the attack calls (PassCounter.wrap).
   params: dict[str, Any]
   applies: Callable[[str], bool] = lambda defense: True
+  norms: tuple[str, ...] = ("linf",)  # Threat models it is defined for.
 
 
 def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
@@ -59,7 +60,7 @@ def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str 
                 eot_samples: int = 0, mask_gradient: bool = False):
   """PGD on `loss`; `mask_gradient`: through CIFS's mask as a function of the input (the
   relevance at the live pooled features), which the authors' attacks never see."""
-  def run(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
+  def run(model, defense, variables, x, labels, key, *, eps, norm="linf", count=_uncounted):
     loss_fn = {"ce": losses.cross_entropy, "cw": losses.cw(50.0),
                "defense": losses.defense_loss(defense),
                "heads_ce": losses.with_aux_heads(losses.cross_entropy, defense.beta),
@@ -74,28 +75,28 @@ def _pgd_attack(steps: int, step_fraction: float, random_start: bool, loss: str 
       model_fn = count(lambda v, k: model.apply(variables, v, train=False,
                                                 stochastic_mask=True, rngs={"gumbel": k}))
     x_adv = attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=step_fraction * eps,
-                        steps=steps, random_start=random_start, loss=loss_fn,
+                        steps=steps, norm=norm, random_start=random_start, loss=loss_fn,
                         eot_samples=eot_samples)
     return _correct(model, variables, x_adv, labels)
   return run
 
 
-def _fgsm(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
-  del defense, key
+def _fgsm(model, defense, variables, x, labels, key, *, eps, norm="linf", count=_uncounted):
+  del defense, key, norm
   return _correct(model, variables,
                   attacks.fgsm(count(attacks.deployed(model, variables)), x, labels, eps=eps),
                   labels)
 
 
 def _autoattack(version: str, options: dict):
-  def run(model, defense, variables, x, labels, key, *, eps, count=_uncounted):
+  def run(model, defense, variables, x, labels, key, *, eps, norm="linf", count=_uncounted):
     del defense
     if version == "rand":
       model_fn = count(lambda v, k: model.apply(variables, v, train=False,
                                                 stochastic_mask=True, rngs={"gumbel": k}))
     else:
       model_fn = count(attacks.deployed(model, variables))
-    result = autoattack(model_fn, x, labels, key, eps=eps, version=version,
+    result = autoattack(model_fn, x, labels, key, eps=eps, norm=norm, version=version,
                         options=options or None)
     # Scored on the model as deployed, like every other column.
     correct, finite = _correct(model, variables, result.x_adv, labels)
@@ -121,6 +122,9 @@ PROTOCOLS = {
              "cifs_cw", "autoattack", "adaptive", "cifs_mask_pgd100", "eot"),
 }
 JOINT = "CE + beta x mean probe CE"
+BOTH = ("linf", "l2")
+NORMS = BOTH
+NORM_TITLES = {"linf": "L-inf", "l2": "L2"}
 
 
 def attack_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -141,23 +145,26 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
   return {
       "fgsm": Attack("FGSM", _fgsm, {}),
       "pgd20": Attack("PGD-20", _pgd_attack(20, 0.1, False),
-                      {"steps": 20, "step_size": "0.1 eps", "random_start": False}),
+                      {"steps": 20, "step_size": "0.1 eps", "random_start": False},
+                      norms=BOTH),
       "pgd100": Attack("PGD-100", _pgd_attack(100, 0.1, False),
-                       {"steps": 100, "step_size": "0.1 eps", "random_start": False}),
+                       {"steps": 100, "step_size": "0.1 eps", "random_start": False},
+                       norms=BOTH),
       "pgd20_rs": Attack("PGD-20 (rs)", _pgd_attack(20, 0.25, True),
-                         {"steps": 20, "step_size": "0.25 eps", "random_start": True}),
+                         {"steps": 20, "step_size": "0.25 eps", "random_start": True},
+                         norms=BOTH),
       "cw": Attack("C&W", _pgd_attack(30, 0.1, False, loss="cw"),
                    {"steps": 30, "step_size": "0.1 eps", "loss": "cw (kappa 50)"}),
       "autoattack": Attack("AA", _autoattack("standard", aa_options),
-                           {"version": "standard", "options": aa_options}),
+                           {"version": "standard", "options": aa_options}, norms=BOTH),
       "autoattack_rand": Attack("AA (rand)", _autoattack("rand", rand_options),
                                 {"version": "rand", "options": rand_options},
-                                applies=lambda d: d == "fsr"),
+                                applies=lambda d: d == "fsr", norms=BOTH),
       "adaptive": Attack(f"Adaptive PGD-{e.adaptive_steps}",
                          _pgd_attack(e.adaptive_steps, 0.1, False, loss="defense"),
                          {"steps": e.adaptive_steps, "step_size": "0.1 eps",
                           "loss": "defense training loss"},
-                         applies=lambda d: d != "none"),
+                         applies=lambda d: d != "none", norms=BOTH),
       # The CAS protocol (Bai et al., Trades/pgd_attack_cifar10_cas.py): every attack from a
       # random start, on the main output's loss + CAS beta x the mean over the CAS heads.
       "cas_fgsm": Attack("FGSM (CAS)", _pgd_attack(1, 1.0, True, loss="heads_ce"),
@@ -256,6 +263,15 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   unknown = [n for n in names if n not in attacks_by_name]
   if unknown:
     raise ValueError(f"unknown eval attack(s) {unknown}; allowed: {', '.join(attacks_by_name)}")
+  if e.get("norm", "linf") not in NORMS:
+    raise ValueError(f"unknown eval.norm {e.norm!r}; allowed: {', '.join(NORMS)}")
+  norm = e.get("norm", "linf")
+  linf_only = [n for n in names if norm not in attacks_by_name[n].norms]
+  if linf_only:
+    allowed = [n for n, a in attacks_by_name.items() if norm in a.norms]
+    raise ValueError(f"eval.norm={norm!r}: attack(s) {linf_only} of protocol "
+                     f"{e.protocol!r} are L-inf only; use --config.eval.protocol=autoattack "
+                     f"or --config.eval.attacks from {', '.join(allowed)}")
   parallel.check_batch_size(e.batch_size, mesh, "eval.batch_size")
   if e.eps < 0:
     raise ValueError(f"eval.eps must be >= 0, got {e.eps}")
@@ -306,11 +322,12 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
       results[name] = {"title": attack.title, "skipped": f"not applicable to defense "
                                                          f"{defense.name!r}"}
       continue
-    correct, totals = per_point(name, functools.partial(attack.run, model, defense, eps=e.eps))
+    correct, totals = per_point(name, functools.partial(attack.run, model, defense, eps=e.eps,
+                                                        norm=norm))
     correct &= natural  # Robust: correct naturally and under the attack.
     worst &= correct
     results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
-                     "num_points": int(correct.size), "eps": e.eps, "norm": "linf",
+                     "num_points": int(correct.size), "eps": e.eps, "norm": norm,
                      "seed": e.seed, **totals, **attack.params}
   # The per-point worst case over every attack run. FSR's "Ensemble" is this over its
   # protocol's four attacks; over any other set it is named for what it is.
@@ -359,19 +376,24 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   progress = workdir / "eval_progress" / hashlib.sha256(identity.encode()).hexdigest()[:16]
   if jax.process_index() == 0:
     print(f"evaluating {which} checkpoint (step {step}) of {workdir} on {len(labels)} "
-          f"{dataset.name} test points, eps {config.eval.eps:.4f} L-inf"
+          f"{dataset.name} test points, eps {config.eval.eps:.4f} "
+          f"{NORM_TITLES[config.eval.get('norm', 'linf')]}"
           + (" (resuming: finished batches reused)" if progress.exists() else ""), flush=True)
   results = evaluate(config, model, variables, images, labels, mesh, record=Record(progress))
   report = {"config": config.get("name", ""), "checkpoint": which, "step": step,
             "defense": config.defense.name, "arch": config.model.arch,
             "data": dataset.name, "eps": config.eval.eps,
+            "norm": config.eval.get("norm", "linf"),
             "protocol": config.eval.protocol,
             "dtype": config.eval.get("dtype") or config.model.dtype, "results": results}
   if jax.process_index() == 0:
     paths.write_text(workdir / "eval.json", json.dumps(report, indent=2))
+    eps = (f"{255 * config.eval.eps:g}/255" if report["norm"] == "linf"
+           else f"{config.eval.eps:g}")
     caption = (f"{config.get('name', '')}: {config.model.arch} + {config.defense.name}, "
-               f"{report['dtype']} compute, {dataset.name}, {len(labels)} test points, eps {255 * config.eval.eps:g}/255 "
-               f"L-inf, {which} checkpoint (step {step}); accuracy (%)")
+               f"{report['dtype']} compute, {dataset.name}, {len(labels)} test points, "
+               f"eps {eps} {NORM_TITLES[report['norm']]}, {which} checkpoint (step {step}); "
+               "accuracy (%)")
     table = markdown_table(results, caption)
     paths.write_text(workdir / "eval.md", table)
     print(table, flush=True)

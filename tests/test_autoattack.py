@@ -4,6 +4,7 @@ naturally trained digits MLP (pointwise worst case, never above any component or
 accuracy, inside the ball), a gradient-masked model that Square still breaks, masked
 execution equal to the reference's run-on-the-subset loop, and the input errors."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,44 @@ def test_fab_l2_breaks_the_trained_model_inside_the_l2_ball(trained):
   norms = np.sqrt(np.sum(np.square(np.asarray(x_adv, np.float64) - np.asarray(x)), axis=1))
   assert norms.max() <= 1.0 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
   assert accuracy(model_fn, x_adv, y) < natural - 0.4
+
+
+def _l2_inside(x_adv, x, eps):
+  norms = np.sqrt(np.sum(np.square(np.asarray(x_adv, np.float64) - np.asarray(x)),
+                         axis=tuple(range(1, x.ndim))))
+  return norms.max() <= eps and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+
+
+def test_square_l2_and_the_standard_version_under_l2(trained):
+  """Square L2 breaks the model inside the L2 ball; the standard version under L2 (APGD-CE,
+  APGD-T, FAB-T, Square) is the pointwise worst case, at most each component alone."""
+  model_fn, x, y = trained
+  natural = accuracy(model_fn, x, y)
+  key = jax.random.key(3)
+  x_adv = square(model_fn, x, y, key, eps=1.5, norm="l2", queries=300)
+  assert _l2_inside(x_adv, x, 1.5)
+  assert accuracy(model_fn, x_adv, y) < natural - 0.3
+  result = autoattack(model_fn, x, y, key, eps=1.0, norm="l2", options=SMALL)
+  assert _l2_inside(result.x_adv, x, 1.0)
+  robust = float(result.robust_accuracy())
+  assert robust < natural - 0.4
+  for name in version_attacks("standard"):
+    alone = autoattack(model_fn, x, y, key, eps=1.0, norm="l2", attacks=(name,), options=SMALL)
+    assert robust <= float(alone.robust_accuracy()) <= natural, name
+
+
+def test_square_l2_eta_is_the_references_pseudo_gaussian():
+  """eta(3) by hand: the upper half (1 x 3, centre column 1) holds ring 0 (weight 1) at the
+  centre and ring 1 (1/4) over all three columns; the lower half (2 x 3, centre (1, 1))
+  ring 0 at (1, 1) and ring 1 over both rows; each half unit norm, the lower negated, the
+  whole unit norm. The L2 window sides are odd, at least 3."""
+  sq = importlib.import_module("jaxdefense.attacks.square")
+  top = np.array([[0.25, 1.25, 0.25]])
+  bottom = np.array([[0.25, 0.25, 0.25], [0.25, 1.25, 0.25]])
+  expected = np.vstack([top / np.linalg.norm(top), -bottom / np.linalg.norm(bottom)])
+  np.testing.assert_allclose(sq.eta(3), expected / np.linalg.norm(expected), atol=1e-12)
+  sizes = sq.square_sizes_l2(32, 32, 5000)
+  assert sizes[0] == 29 and sizes.min() == 3 and np.all(sizes % 2 == 1)
 
 
 def test_standard_version_is_the_pointwise_worst_case(trained):

@@ -252,3 +252,26 @@ def trained_cas(tmp_path_factory, rolled_attack_loops):
   config.data.num_test, config.eval.batch_size = 48, 48
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+def test_l2_evaluation(trained_fsr):
+  """eval.norm=l2: PGD under L2 (AutoAttack under L2 is tested in test_autoattack.py), at
+  most natural; the report and table say L2; an L-inf-only protocol is refused, naming its
+  L-inf-only attacks."""
+  config, workdir, _ = trained_fsr
+  config = config.copy_and_resolve_references()
+  config.eval.norm, config.eval.eps = "l2", 0.5
+  config.eval.attacks = ("pgd20",)
+  report = evaluate.run(config, workdir, which="latest")
+  r = report["results"]
+  assert report["norm"] == "l2" and r["pgd20"]["norm"] == "l2"
+  assert r["pgd20"]["accuracy"] < r["natural"]["accuracy"]
+  assert "eps 0.5 L2" in open(os.path.join(workdir, "eval.md")).read()
+  config.eval.attacks = ()
+  config.eval.protocol = "fsr"
+  with pytest.raises(ValueError, match=r"eval.norm='l2': attack\(s\) \['fgsm', 'cw'\] of "
+                                       r"protocol 'fsr' are L-inf only"):
+    evaluate.run(config, workdir, which="latest")
+  config.eval.protocol = "autoattack"
+  assert evaluate.attack_names(config) == ("autoattack",)
+  assert "l2" in evaluate.suite(config)["autoattack"].norms

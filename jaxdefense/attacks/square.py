@@ -1,17 +1,25 @@
-"""Square Attack, L-inf (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), as AutoAttack
-runs it (github fra31/auto-attack, `square.py`, `resc_schedule=False`).
+"""Square Attack, L-inf and L2 (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), as
+AutoAttack runs it (github fra31/auto-attack, `square.py`, `resc_schedule=False`).
 
-Score-based, no gradients. Start: vertical stripes x + eps * (+-1 per column and channel).
-Each query adds to the best point a square window of side s (from the p schedule, s =
-round(sqrt(p H W)), clipped to [1, min(H, W)]) holding +-2 eps per channel, projects onto
-the ball, and keeps the new point if the margin loss z_y - max_{j!=y} z_j decreased or the
-point is misclassified. Points whose margin is <= 0 stop. Masked execution and per-example
+Score-based, no gradients. L-inf start: vertical stripes x + eps * (+-1 per column and
+channel). Each query adds to the best point a square window of side s (from the p
+schedule, s = round(sqrt(p H W)), clipped to [1, min(H, W)]) holding +-2 eps per channel,
+projects onto the ball, and keeps the new point if the margin loss z_y - max_{j!=y} z_j
+decreased or the point is misclassified. Points whose margin is <= 0 stop.
+
+L2: the perturbation delta = x_best - x is rescaled to norm eps after every change. Start:
+a grid of (H // 5)-squares, each a "pseudo-Gaussian" eta (concentric rectangles weighted
+1 / (k + 1)^2, upper half positive, lower half negative, unit norm, transposed at random)
+times +-1 per channel. Each query moves one window's content (normalised, plus a fresh
++-eta) to a random window, zeroes a second random window, and gives the moved window the
+mass the rest of delta leaves to eps (s from the p schedule, odd, at least 3). Masked execution and per-example
 keys as in `apgd`; unlike the reference, which draws one window position and one sign per
 channel for the whole batch at each query, every point draws its own (the same distribution
 per point, and a point's result then does not depend on its batch).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,7 +32,7 @@ from jaxdefense.attacks.apgd import (
 from jaxdefense.attacks import losses
 from jaxdefense.attacks.pgd import ModelFn, project
 
-NORMS = ("linf",)
+NORMS = ("linf", "l2")
 
 
 def p_selection(p_init: float, it: int, queries: int, rescale_schedule: bool = False) -> float:
@@ -46,6 +54,132 @@ def square_sizes(height: int, width: int, queries: int, p_init: float = 0.8,
   sizes = [max(int(round(math.sqrt(p_selection(p_init, i, queries, rescale_schedule)
                                    * height * width))), 1) for i in range(queries)]
   return np.minimum(np.asarray(sizes, np.int32), min(height, width))
+
+
+def square_sizes_l2(height: int, width: int, queries: int, p_init: float = 0.8,
+                    rescale_schedule: bool = False) -> np.ndarray:
+  """L2 window side at each query: max(round(sqrt(p H W)), 3), made odd, at most min(H, W)."""
+  sizes = []
+  for i in range(queries):
+    s = max(int(round(math.sqrt(p_selection(p_init, i, queries, rescale_schedule)
+                                * height * width))), 3)
+    sizes.append(min(s + 1 if s % 2 == 0 else s, min(height, width)))
+  return np.asarray(sizes, np.int32)
+
+
+def _rectangles(rows: int, cols: int) -> np.ndarray:
+  """Concentric rectangles about (rows // 2, cols // 2), ring k weighted 1 / (k + 1)^2,
+  unit L2 norm (the reference's `eta_rectangles`)."""
+  delta = np.zeros((rows, cols))
+  r, c = rows // 2, cols // 2
+  for k in range(max(r, c) + 1):
+    delta[max(r - k, 0):min(r + k + 1, rows), max(c - k, 0):min(c + k + 1, cols)] += \
+        1.0 / (k + 1) ** 2
+  norm = np.sqrt(np.sum(delta ** 2))
+  return delta / norm if norm > 0 else delta
+
+
+def eta(size: int) -> np.ndarray:
+  """The (size, size) pseudo-Gaussian block: rectangles on the upper half, minus
+  rectangles on the lower half, unit L2 norm (the reference's `eta`, untransposed)."""
+  delta = np.zeros((size, size))
+  delta[:size // 2] = _rectangles(size // 2, size)
+  delta[size // 2:] = -_rectangles(size - size // 2, size)
+  return delta / np.sqrt(np.sum(delta ** 2))
+
+
+def _eta_table(sizes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """For each distinct size, eta and its transpose in the top-left corner of an (H, W)
+  grid: (table (K, 2, H, W), index into it per query)."""
+  distinct = sorted(set(int(s) for s in sizes))
+  table = np.zeros((len(distinct), 2, height, width), np.float32)
+  for k, s in enumerate(distinct):
+    table[k, 0, :s, :s] = eta(s)
+    table[k, 1, :s, :s] = eta(s).T
+  return table, np.asarray([distinct.index(int(s)) for s in sizes], np.int32)
+
+
+def _l2(v: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2, 3), keepdims=True))
+
+
+def _window_norm(v: jax.Array) -> jax.Array:
+  """Per example and channel, the L2 norm over (H, W)."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
+
+
+def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Array,
+                   attacked: jax.Array, *, eps, queries: int, sizes: np.ndarray
+                   ) -> tuple[jax.Array, jax.Array]:
+  """One L2 Square run on the `attacked` points: (best point, its margin)."""
+  n, height, width, channels = x.shape
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
+  place = jax.vmap(lambda block, top, left: jnp.roll(block, (top, left), axis=(0, 1)))
+
+  def flipped(table_entry, flip_keys):  # Per example: eta or its transpose, (N, H, W, 1).
+    flip = jax.vmap(lambda k: jax.random.bernoulli(k))(flip_keys)
+    return jnp.where(flip[:, None, None], table_entry[1], table_entry[0])[..., None]
+
+  # Start: a grid of (H // 5)-squares from (H - 5 s) // 2, each eta x +-1 per channel.
+  s0 = max(height // 5, 1)
+  start_table, _ = _eta_table(np.asarray([s0]), height, width)
+  offset = (height - 5 * s0) // 2
+  delta = jnp.zeros_like(x)
+  init_keys = fold(keys, 0)
+  for a in range(height // s0):
+    for b in range(width // s0):
+      top, left = offset + a * s0, offset + b * s0
+      if top >= height or left >= width:
+        continue
+      k = fold(init_keys, a * (width // s0) + b + 1)
+      block = flipped(start_table[0], fold(k, 0))
+      block = jnp.roll(block, (top, left), axis=(1, 2))
+      block = jnp.where((rows >= top) & (rows < top + s0) & (cols >= left)
+                        & (cols < left + s0), block, 0.0)
+      delta = delta + block * _signs(fold(k, 1), (1, 1, channels))
+  x_best = jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+  margin_min = _margin(model_fn, x_best, labels)
+  table, index = _eta_table(sizes, height, width)
+  table, index, sizes = jnp.asarray(table), jnp.asarray(index), jnp.asarray(sizes)
+
+  def searching(margin_min):
+    return attacked & (margin_min > 0)
+
+  def cond(s):
+    i, _, margin_min = s
+    return (i < queries) & jnp.any(searching(margin_min))
+
+  def body(s):
+    i, x_best, margin_min = s
+    size = sizes[i]
+    step_keys = fold(keys, i + 1)
+    draws = jax.vmap(lambda k: jax.random.uniform(k, (4,)))(step_keys)
+    corners = jnp.floor(draws * (jnp.array([height, width, height, width]) - size)
+                        ).astype(jnp.int32)
+    top, left, top2, left2 = (corners[:, j, None, None, None] for j in range(4))
+    window = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    window2 = (rows >= top2) & (rows < top2 + size) & (cols >= left2) & (cols < left2 + size)
+    delta = x_best - x
+    norm_image = _l2(delta)
+    norm_window = _window_norm(jnp.where(window, delta, 0.0))
+    norm_windows = _window_norm(jnp.where(window | window2, delta, 0.0))
+    new = place(flipped(table[index[i]], fold(step_keys, 1)), corners[:, 0], corners[:, 1])
+    new = new * _signs(fold(step_keys, 2), (1, 1, channels)) + \
+        jnp.where(window, delta, 0.0) / (1e-12 + norm_window)
+    new = jnp.where(window, new, 0.0)
+    budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0) / channels
+                      + norm_windows ** 2)
+    new = new / (1e-12 + _window_norm(new)) * budget
+    delta = jnp.where(window, new, jnp.where(window2, 0.0, delta))
+    x_new = jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+    margin = _margin(model_fn, x_new, labels)
+    accept = searching(margin_min) & ((margin < margin_min) | (margin <= 0))
+    x_best = jnp.where(per_point(accept, x.ndim), x_new, x_best)
+    return i + 1, x_best, jnp.where(accept, margin, margin_min)
+
+  _, x_best, margin_min = jax.lax.while_loop(cond, body, (0, x_best, margin_min))
+  return x_best, margin_min
 
 
 def _margin(model_fn: ModelFn, x: jax.Array, labels: jax.Array) -> jax.Array:
@@ -97,8 +231,8 @@ def _square_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Ar
 def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
            norm: str = "linf", queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
            rescale_schedule: bool = False, active: jax.Array | None = None) -> jax.Array:
-  """Square Attack (L-inf, margin loss) on NHWC images: the adversarial points, x where
-  not fooled. Each restart runs `queries` queries on the points not yet fooled."""
+  """Square Attack (L-inf or L2, margin loss) on NHWC images: the adversarial points, x
+  where not fooled. Each restart runs `queries` queries on the points not yet fooled."""
   check_eps(eps)
   check_norm(norm, NORMS, "square")
   check_positive("queries", queries)
@@ -111,11 +245,16 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, False)
   keys, _ = example_keys(key, x.shape[0], None, False)
-  sizes = jnp.asarray(square_sizes(x.shape[1], x.shape[2], queries, p_init, rescale_schedule))
+  if norm == "linf":
+    sizes = square_sizes(x.shape[1], x.shape[2], queries, p_init, rescale_schedule)
+    run = functools.partial(_square_run, sizes=jnp.asarray(sizes))
+  else:
+    sizes = square_sizes_l2(x.shape[1], x.shape[2], queries, p_init, rescale_schedule)
+    run = functools.partial(_square_run_l2, sizes=sizes)
 
   def run_fn(r, run_keys, run_model_key, x, attacked):
     del r, run_model_key
-    adv, _ = _square_run(model_fn, x, labels, run_keys, attacked, eps=eps, queries=queries,
-                         sizes=sizes)
+    adv, _ = run(model_fn, x, labels, run_keys, attacked, eps=eps, queries=queries)
+    adv = project(adv, x, eps, norm)  # L2: the rescaled delta may exceed eps by an ulp.
     return adv, predicts(model_fn(adv).logits, labels)
   return run_on_robust(forward, x, labels, keys, None, active, restarts, run_fn)
