@@ -113,8 +113,6 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
                    ) -> tuple[jax.Array, jax.Array]:
   """One L2 Square run on the `attacked` points: (best point, its margin)."""
   n, height, width, channels = x.shape
-  rows = jnp.arange(height)[None, :, None, None]
-  cols = jnp.arange(width)[None, None, :, None]
   place = jax.vmap(lambda block, top, left: jnp.roll(block, (top, left), axis=(0, 1)))
 
   def flipped(table_entry, flip_keys):  # Per example: eta or its transpose, (N, H, W, 1).
@@ -135,31 +133,21 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
       k = fold(init_keys, a * (width // s0) + b + 1)
       block = flipped(start_table[0], fold(k, 0))
       block = jnp.roll(block, (top, left), axis=(1, 2))
-      block = jnp.where((rows >= top) & (rows < top + s0) & (cols >= left)
-                        & (cols < left + s0), block, 0.0)
+      block = jnp.where(_window(jnp.full(n, top), jnp.full(n, left), s0, height, width),
+                        block, 0.0)
       delta = delta + block * _signs(fold(k, 1), (1, 1, channels))
   x_best = jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
-  margin_min = _margin(model_fn, x_best, labels)
   table, index = _eta_table(sizes, height, width)
   table, index, sizes = jnp.asarray(table), jnp.asarray(index), jnp.asarray(sizes)
 
-  def searching(margin_min):
-    return attacked & (margin_min > 0)
-
-  def cond(s):
-    i, _, margin_min = s
-    return (i < queries) & jnp.any(searching(margin_min))
-
-  def body(s):
-    i, x_best, margin_min = s
+  def propose(i, x_best):
     size = sizes[i]
     step_keys = fold(keys, i + 1)
     draws = jax.vmap(lambda k: jax.random.uniform(k, (4,)))(step_keys)
     corners = jnp.floor(draws * (jnp.array([height, width, height, width]) - size)
                         ).astype(jnp.int32)
-    top, left, top2, left2 = (corners[:, j, None, None, None] for j in range(4))
-    window = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    window2 = (rows >= top2) & (rows < top2 + size) & (cols >= left2) & (cols < left2 + size)
+    window = _window(corners[:, 0], corners[:, 1], size, height, width)
+    window2 = _window(corners[:, 2], corners[:, 3], size, height, width)
     delta = x_best - x
     norm_image = _l2(delta)
     norm_window = _window_norm(jnp.where(window, delta, 0.0))
@@ -172,12 +160,39 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
                       + norm_windows ** 2)
     new = new / (1e-12 + _window_norm(new)) * budget
     delta = jnp.where(window, new, jnp.where(window2, 0.0, delta))
-    x_new = jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+    return jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+
+  return _search(model_fn, x_best, labels, attacked, queries, propose)
+
+
+def _window(top: jax.Array, left: jax.Array, size, height: int, width: int) -> jax.Array:
+  """Per example, the (N, H, W, 1) mask of the size x size square at (top, left)."""
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
+  top, left = top[:, None, None, None], left[:, None, None, None]
+  return (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+
+
+def _search(model_fn: ModelFn, x_best: jax.Array, labels: jax.Array, attacked: jax.Array,
+            queries: int, propose) -> tuple[jax.Array, jax.Array]:
+  """The random search both norms share: query i proposes `propose(i, x_best)`, kept if
+  its margin fell or is <= 0; points stop at a margin <= 0. (best point, its margin)."""
+  def searching(margin_min):
+    return attacked & (margin_min > 0)
+
+  def cond(s):
+    i, _, margin_min = s
+    return (i < queries) & jnp.any(searching(margin_min))
+
+  def body(s):
+    i, x_best, margin_min = s
+    x_new = propose(i, x_best)
     margin = _margin(model_fn, x_new, labels)
     accept = searching(margin_min) & ((margin < margin_min) | (margin <= 0))
-    x_best = jnp.where(per_point(accept, x.ndim), x_new, x_best)
+    x_best = jnp.where(per_point(accept, x_best.ndim), x_new, x_best)
     return i + 1, x_best, jnp.where(accept, margin, margin_min)
 
+  margin_min = _margin(model_fn, x_best, labels)
   _, x_best, margin_min = jax.lax.while_loop(cond, body, (0, x_best, margin_min))
   return x_best, margin_min
 
@@ -197,35 +212,17 @@ def _square_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Ar
   n, height, width, channels = x.shape
   x_best = project(x + eps * _signs(fold(keys, 0), (1, width, channels)), x, eps,
                    "linf")
-  margin_min = _margin(model_fn, x_best, labels)
-  rows = jnp.arange(height)[None, :, None, None]
-  cols = jnp.arange(width)[None, None, :, None]
 
-  def searching(margin_min):
-    return attacked & (margin_min > 0)
-
-  def cond(s):
-    i, _, margin_min = s
-    return (i < queries) & jnp.any(searching(margin_min))
-
-  def body(s):
-    i, x_best, margin_min = s
+  def propose(i, x_best):
     size = sizes[i]
     step_keys = fold(keys, i + 1)
     draws = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(step_keys)
     corner = jnp.floor(draws * (jnp.array([height, width]) - size)).astype(jnp.int32)
-    top = corner[:, 0, None, None, None]
-    left = corner[:, 1, None, None, None]
-    window = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    window = _window(corner[:, 0], corner[:, 1], size, height, width)
     signs = _signs(fold(step_keys, 1), (1, 1, channels))
-    x_new = project(x_best + jnp.where(window, 2 * eps * signs, 0.0), x, eps, "linf")
-    margin = _margin(model_fn, x_new, labels)
-    accept = searching(margin_min) & ((margin < margin_min) | (margin <= 0))
-    x_best = jnp.where(per_point(accept, x.ndim), x_new, x_best)
-    return i + 1, x_best, jnp.where(accept, margin, margin_min)
+    return project(x_best + jnp.where(window, 2 * eps * signs, 0.0), x, eps, "linf")
 
-  _, x_best, margin_min = jax.lax.while_loop(cond, body, (0, x_best, margin_min))
-  return x_best, margin_min
+  return _search(model_fn, x_best, labels, attacked, queries, propose)
 
 
 def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
