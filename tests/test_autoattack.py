@@ -136,7 +136,8 @@ def _l2_inside(x_adv, x, eps):
 
 def test_square_l2_and_the_standard_version_under_l2(trained):
   """Square L2 breaks the model inside the L2 ball; the standard version under L2 (APGD-CE,
-  APGD-T, FAB-T, Square) is the pointwise worst case, at most each component alone."""
+  APGD-T, FAB-T, Square) runs, inside the ball, at most Square alone (the worst-case
+  property over components is tested under L-inf above)."""
   model_fn, x, y = trained
   natural = accuracy(model_fn, x, y)
   key = jax.random.key(3)
@@ -147,9 +148,9 @@ def test_square_l2_and_the_standard_version_under_l2(trained):
   assert _l2_inside(result.x_adv, x, 1.0)
   robust = float(result.robust_accuracy())
   assert robust < natural - 0.4
-  for name in version_attacks("standard"):
-    alone = autoattack(model_fn, x, y, key, eps=1.0, norm="l2", attacks=(name,), options=SMALL)
-    assert robust <= float(alone.robust_accuracy()) <= natural, name
+  alone = autoattack(model_fn, x, y, key, eps=1.0, norm="l2", attacks=("square",),
+                     options=SMALL)
+  assert robust <= float(alone.robust_accuracy()) <= natural
 
 
 def test_square_l2_eta_is_the_references_pseudo_gaussian():
