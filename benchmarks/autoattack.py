@@ -107,6 +107,7 @@ def jax_runner(model, variables, eps, component, seed):
     before = counter.forward, counter.backward
     start = time.perf_counter()
     robust = np.asarray(attack(x, y))
+    jax.effects_barrier()
     return (robust, time.perf_counter() - start, counter.forward - before[0],
             counter.backward - before[1])
   return run

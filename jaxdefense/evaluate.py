@@ -297,6 +297,7 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
         batch["x"] = data.to_float(batch["x"])
         key = jax.random.fold_in(jax.random.key(e.seed), i)
         correct, finite = map(parallel.to_host, step(variables, batch, key))
+        jax.effects_barrier()  # The pass-count callbacks of this batch have all run.
         valid = parallel.to_host(batch["mask"])
         result = BatchResult(correct[valid], finite[valid], time.time() - start,
                              counter.forward - passes[0], counter.backward - passes[1])

@@ -19,7 +19,8 @@ def deployed(model: Any, variables: Any) -> ModelFn:
 class PassCounter:
   """Forward and backward passes through a model inside compiled attacks, one per example
   and call as adv-lib reports them, counted on the host by debug callbacks (run in the
-  compiled loops). `wrap(model_fn)` counts the calls of `model_fn(x, *rest)`."""
+  compiled loops, asynchronously: read the counts after `jax.effects_barrier()`).
+  `wrap(model_fn)` counts the calls of `model_fn(x, *rest)`."""
 
   def __init__(self):
     self.forward = 0
