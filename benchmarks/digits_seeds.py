@@ -56,28 +56,34 @@ def run_one(workdir: Path, defense: str, seed: int, protocol: str, num_examples:
     report = _evaluated(workdir, protocol, num_examples)
   print(f"{defense} seed {seed}: train {trained - started:.0f} s, eval "
         f"{time.time() - trained:.0f} s", flush=True)
+  report["training"] = json.loads((workdir / "results.json").read_text())
   return report
 
 
+def _cell(values: list[float]) -> str:
+  if not values:
+    return "n/a"
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def table(reports: dict[str, list[dict]]) -> str:
-  """Mean +- sample std (%) per attack over the seeds; one row per defense."""
+  """Mean +- sample std (%) over the seeds; one row per defense: the training run's final
+  natural and in-training PGD accuracy on all test points, then each attack's."""
   columns: dict[str, str] = {}
   for runs in reports.values():
     for name, r in runs[0]["results"].items():
       columns.setdefault(name, r["title"])
-  lines = ["| defense | " + " | ".join(columns.values()) + " |",
-           "|---|" + "---|" * len(columns)]
+  lines = ["| defense | Natural (all) | in-training PGD (all) | "
+           + " | ".join(columns.values()) + " |", "|---|" + "---|" * (len(columns) + 2)]
   for defense, runs in reports.items():
-    cells = []
+    cells = [_cell([100 * run["training"]["natural_accuracy"] for run in runs]),
+             _cell([100 * run["training"]["robust_accuracy"] for run in runs])]
     for name in columns:
       values = [100 * run["results"][name]["accuracy"] for run in runs
                 if "accuracy" in run["results"].get(name, {})]
-      if not values:
-        cells.append("n/a")
-      elif len(values) == 1:
-        cells.append(f"{values[0]:.2f}")
-      else:
-        cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+      cells.append(_cell(values))
     lines.append(f"| {defense} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
