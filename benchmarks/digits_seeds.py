@@ -41,8 +41,10 @@ def _evaluated(workdir: Path, protocol: str, num_examples: int) -> dict | None:
 
 
 def run_one(workdir: Path, defense: str, seed: int, protocol: str, num_examples: int,
-            batch_size: int) -> dict:
+            batch_size: int, *, only_finished: bool = False) -> dict | None:
   config = f"--config={ROOT / 'configs/quickstart.py'}:{defense}"
+  if only_finished and _evaluated(workdir, protocol, num_examples) is None:
+    return None
   started = time.time()
   if not (workdir / "results.json").exists():
     _run([config, f"--workdir={workdir}", f"--config.seed={seed}"])
@@ -75,16 +77,19 @@ def table(reports: dict[str, list[dict]]) -> str:
   for runs in reports.values():
     for name, r in runs[0]["results"].items():
       columns.setdefault(name, r["title"])
+  columns["worst_case"] = columns.pop("worst_case")  # Last, after every defense's attacks.
   lines = ["| defense | Natural (all) | in-training PGD (all) | "
            + " | ".join(columns.values()) + " |", "|---|" + "---|" * (len(columns) + 2)]
   for defense, runs in reports.items():
+    label = defense if len(runs) == max(map(len, reports.values())) else \
+        f"{defense} ({len(runs)} seeds: {', '.join(str(r['seed']) for r in runs)})"
     cells = [_cell([100 * run["training"]["natural_accuracy"] for run in runs]),
              _cell([100 * run["training"]["robust_accuracy"] for run in runs])]
     for name in columns:
       values = [100 * run["results"][name]["accuracy"] for run in runs
                 if "accuracy" in run["results"].get(name, {})]
       cells.append(_cell(values))
-    lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -97,14 +102,18 @@ def main() -> None:
   p.add_argument("--batch_size", type=int, default=120)
   p.add_argument("--workdir", default="workdirs/seeds")
   p.add_argument("--json", help="also write every run's eval.json results here")
+  p.add_argument("--only_finished", action="store_true",
+                 help="tabulate the finished runs only; start none")
   a = p.parse_args()
   root = Path(a.workdir).resolve()
   reports: dict[str, list[dict]] = {}
   for defense in a.defenses.split(","):
     for seed in (int(s) for s in a.seeds.split(",")):
       report = run_one(root / f"{defense}_s{seed}", defense, seed, a.protocol,
-                       a.num_examples, a.batch_size)
-      reports.setdefault(defense, []).append(report)
+                       a.num_examples, a.batch_size, only_finished=a.only_finished)
+      if report is not None:
+        report["seed"] = seed
+        reports.setdefault(defense, []).append(report)
   print(f"\n{a.num_examples} test points, protocol {a.protocol}, seeds {a.seeds}; "
         "accuracy (%), mean ± sample std over the seeds\n")
   print(table(reports))
