@@ -141,7 +141,7 @@ def to_variables(state_dict: dict[str, Any], layout: layouts.Layout, abstract: d
   for t in ts:
     value = sd[t.key]
     if value.shape != t.torch_shape:
-      raise errors.WeightsMismatch(_shape_message(t, value.shape, num_classes))
+      raise errors.WeightsMismatch(_shape_message(t, value.shape, num_classes, layout))
     if t.kind == "conv":
       value = value.transpose(CONV_TO_FLAX)
     elif t.kind == "dense":
@@ -155,12 +155,12 @@ def to_variables(state_dict: dict[str, Any], layout: layouts.Layout, abstract: d
   return variables
 
 
-def _shape_message(t: Tensor, got: tuple, num_classes: int) -> str:
+def _shape_message(t: Tensor, got: tuple, num_classes: int, layout: layouts.Layout) -> str:
   message = f"{t.key} has shape {tuple(got)}; the config's model needs {t.torch_shape}"
   if t.kind == "dense" and len(got) == 2 and got[1] == t.torch_shape[1]:
     message += (f": a class-count mismatch, the file has {got[0]} classes and the config's "
                 f"data set {num_classes}")
-    if "fc" in t.key and t.torch_shape[0] != 10 and got[0] == 10:
+    if layout.defense == "cas" and "fc" in t.key and t.torch_shape[0] != 10 and got[0] == 10:
       message += " (the CAS code hard-codes 10 classes in its CAS heads)"
   return message
 
