@@ -60,6 +60,52 @@ def test_fab_projection_is_the_least_linf_step():
     assert np.all(t[0] + d >= -1e-6) and np.all(t[0] + d <= 1 + 1e-6)
 
 
+def _sorted_linf_projection(t, w, b):
+  """NumPy, one row: the reference's `projection_linf` (fab_projections.py), a binary
+  search over the coordinates sorted by their distance p to the face."""
+  side = 1.0 if w @ t - b >= 0 else -1.0
+  w, b = w * side, b * side
+  toward_one = (w < 0).astype(np.float64)
+  d = (toward_one - t) * (w != 0)
+  p = toward_one - t * (2 * toward_one - 1)
+  order = np.argsort(p)[::-1]
+  b = b - w @ t
+  b0 = w @ d
+  s = np.cumsum(np.abs(w[order]))
+  sb = np.cumsum(-w[order] * d[order]) + b0
+  if b - (sb[-1] - s[-1] * p.min()) > 0:
+    return (2 * toward_one - 1) * max((b - sb[-1]) / -s[-1], 0.0) * (w != 0)
+  if not b - b0 > 0:
+    return d
+  lb, ub = 0, len(w) - 1
+  while ub - lb > 1:
+    mid = (lb + ub) // 2
+    if b - (sb[mid] - s[mid] * p[order[mid]]) > 0:
+      lb = mid
+    else:
+      ub = mid
+  lam = max((b - sb[lb]) / -s[lb], 0.0)
+  return np.where(toward_one > 0, np.minimum(lam, d), np.maximum(-lam, d)) * (w != 0)
+
+
+def test_fab_linf_projection_equals_the_references_sorted_search():
+  """The sort-free bisection finds the reference's segment: equal d on random rows of
+  784 coordinates (a fifth of w zero, some t on the box faces), reachable or not."""
+  rng = np.random.default_rng(1)
+  rows, dim = 64, 784
+  t = rng.uniform(size=(rows, dim))
+  t[16:, :20] = np.round(t[16:, :20])  # p = 0 somewhere: lambda = min p cannot overshoot.
+  t[:16] = 0.3 + 0.4 * t[:16]  # Far from the faces: small offsets move all coordinates.
+  w = rng.normal(size=(rows, dim)) * (rng.uniform(size=(rows, dim)) > 0.2)
+  offset = np.r_[np.logspace(-3, 0, 16), np.logspace(-3, 2, 40), np.full(8, 1e4)]
+  b = np.sum(w * t, 1) + rng.choice([-1, 1], rows) * offset  # Last 8: out of the box's reach.
+  t, w, b = (v.astype(np.float32) for v in (t, w, b))
+  d = np.asarray(project_linf_hyperplane(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)))
+  for i in range(rows):
+    expected = _sorted_linf_projection(*(v[i].astype(np.float64) for v in (t, w, b)))
+    np.testing.assert_allclose(d[i], expected, atol=2e-6, err_msg=f"row {i}")
+
+
 def test_fab_l2_projection_by_hand():
   """From t = (0.5, 0.5), the least-L2 step onto <w, t + d> = b inside [0, 1]^2, solved
   by hand in each case below."""

@@ -133,13 +133,14 @@ def test_cifs_protocol_and_mask_analysis(tmp_path, rolled_attack_loops):
   config.train.epochs = 2
   config.eval.attacks = ()
   config.eval.protocol = "cifs"
+  protocol = evaluate.attack_names(config)
+  assert protocol == evaluate.PROTOCOLS["cifs"]
   train.train_and_evaluate(config, str(tmp_path))
+  config.eval.attacks = (*protocol, "cifs_mask_pgd100")  # One evaluation runs both.
   r = evaluate.run(config, str(tmp_path), which="latest")["results"]
-  assert [k for k in r if k not in ("natural", "worst_case")] == list(evaluate.PROTOCOLS["cifs"])
-  for name in evaluate.PROTOCOLS["cifs"]:
+  assert [k for k in r if k not in ("natural", "worst_case")] == list(config.eval.attacks)
+  for name in protocol:
     assert r[name]["accuracy"] <= r["natural"]["accuracy"], name
-  config.eval.attacks = ("cifs_mask_pgd100",)
-  r = evaluate.run(config, str(tmp_path), which="latest")["results"]
   assert r["cifs_mask_pgd100"]["accuracy"] < r["natural"]["accuracy"]
   report = analysis.run(config, str(tmp_path), which="latest")
   assert set(report["cifs_masks"]) == {"cifs_layer1_0", "cifs_layer2_0"}

@@ -16,7 +16,7 @@ the eps-ball. Masked execution and per-example keys as in `apgd`.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,49 +34,58 @@ def _take(v: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(v, index, axis=1)
 
 
+def _bisect(decreasing: Callable[[jax.Array], jax.Array], target: jax.Array, lo: jax.Array,
+            hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row, the adjacent float32 pair (lo, hi) with f(lo) >= target > f(hi) for a
+  non-increasing f given f(lo) >= target > f(hi): bisection until the midpoint is lo or hi
+  (at most ~280 halvings cover every float32 in [0, 1]; the loop stops when all rows are
+  done). No sort: XLA's CPU sort of a (2N, 784) array costs more than the model's forward
+  pass, the bisection's O(D) sums a small fraction of it."""
+  def cond(s):
+    lo, hi = s
+    mid = (lo + hi) / 2
+    return jnp.any((mid > lo) & (mid < hi))
+
+  def body(s):
+    lo, hi = s
+    mid = (lo + hi) / 2
+    above = decreasing(mid) >= target
+    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+  return jax.lax.while_loop(cond, body, (lo, hi))
+
+
 def project_linf_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """Per row, the d of least ||d||_inf with <w, t + d> = b and 0 <= t + d <= 1 (where the
   box allows it; otherwise the box corner closest to the hyperplane), rows of (M, D).
 
   With the sign chosen so that <w, t> >= b, moving every coordinate by min(lambda, p_i)
-  towards its box face p_i away changes <w, .> by -sum_i |w_i| min(lambda, p_i): lambda
-  is found by a binary search over the sorted p, as in the reference."""
+  towards its box face p_i away changes <w, .> by g(lambda) = -sum_i |w_i| min(lambda, p_i),
+  piecewise linear and decreasing; the reference finds the segment holding g = b - <w, t>
+  by a binary search over the sorted p, here the same segment is bracketed by bisection on
+  lambda (the p_i above it stay unsaturated) and lambda solved on it, as the reference does."""
   side = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1.0, -1.0)
   w = w * side[:, None]
-  b = b * side
   toward_one = (w < 0).astype(t.dtype)
   nonzero = (w != 0).astype(t.dtype)
-  d = (toward_one - t) * nonzero
-  p = toward_one - t * (2 * toward_one - 1)
-  order = jnp.argsort(p, axis=1)
-  b = b - jnp.sum(w * t, axis=1)
-  b0 = jnp.sum(w * d, axis=1)
-  descending = order[:, ::-1]
-  w_sorted = _take(w, descending)
-  s = jnp.cumsum(jnp.abs(w_sorted), axis=1)
-  sb = jnp.cumsum(-w_sorted * _take(d, descending), axis=1) + b0[:, None]
+  sign = 2 * toward_one - 1
+  p = toward_one - t * sign  # Distance to the face that lowers <w, .>.
+  weight = jnp.abs(w)
+  change = b * side - jnp.sum(w * t, axis=1)  # <= 0: what <w, .> must change by.
+  full = -jnp.sum(weight * p, axis=1)  # The change with every coordinate at its face.
+  total = jnp.sum(weight, axis=1)
+  smallest_p = jnp.min(p, axis=1)
+  below_smallest = change > -total * smallest_p  # Even lambda = min p overshoots.
+  searched = (change - full > 0) & ~below_smallest
 
-  smallest_p = _take(p, order[:, :1])[:, 0]
-  below_smallest = b - (sb[:, -1] - s[:, -1] * smallest_p) > 0
-  searched = (b - b0 > 0) & ~below_smallest
-
-  dim = w.shape[1]
-  lb = jnp.zeros(w.shape[:1], jnp.int32)
-  ub = jnp.full(w.shape[:1], dim - 1, jnp.int32)
-  for _ in range(math.ceil(math.log2(dim)) if dim > 1 else 0):
-    mid = (lb + ub) // 2
-    at = _take(order, (dim - 1 - mid)[:, None])
-    reached = _take(sb, mid[:, None])[:, 0] - _take(s, mid[:, None])[:, 0] * _take(p, at)[:, 0]
-    go_up = b - reached > 0
-    lb = jnp.where(go_up, mid, lb)
-    ub = jnp.where(go_up, ub, mid)
-
-  lam_all = jnp.maximum((b - sb[:, -1]) / -s[:, -1], 0.0)[:, None]
-  d_all = (2 * toward_one - 1) * lam_all
-  lam = jnp.maximum((b - _take(sb, lb[:, None])[:, 0]) / -_take(s, lb[:, None])[:, 0],
-                    0.0)[:, None]
-  d_searched = jnp.minimum(lam, d) * toward_one + jnp.maximum(-lam, d) * (1 - toward_one)
-  d = jnp.where(below_smallest[:, None], d_all, jnp.where(searched[:, None], d_searched, d))
+  g = lambda lam: -jnp.sum(weight * jnp.minimum(lam[:, None], p), axis=1)
+  lo, hi = _bisect(g, change, jnp.where(searched, smallest_p, 0.0),
+                   jnp.where(searched, jnp.max(p, axis=1), 1.0))
+  free = p > lo[:, None]  # Unsaturated on the segment: p_i >= hi.
+  lam = jnp.maximum((-jnp.sum(jnp.where(free, 0.0, weight * p), axis=1) - change)
+                    / jnp.maximum(jnp.sum(jnp.where(free, weight, 0.0), axis=1), 1e-30), 0.0)
+  lam_all = jnp.maximum(-change / total, 0.0)
+  d = jnp.where(below_smallest[:, None], sign * lam_all[:, None],
+                jnp.where(searched[:, None], sign * jnp.minimum(lam[:, None], p), sign * p))
   return d * nonzero
 
 
@@ -87,31 +96,27 @@ def project_l2_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array
   With the sign chosen so that c = <w, t> - b >= 0, the minimiser is
   d(lambda) = clip(-lambda w, -t, 1 - t) for the lambda >= 0 with <w, d(lambda)> = -c
   (KKT). <w, d(lambda)> falls piecewise linearly in lambda, bending where coordinate i
-  reaches its box face, at r_i = |face_i| / |w_i|; it is evaluated at the sorted r, the
-  segment holding -c found, and lambda solved on it (the reference reaches the same point
-  through a binary search)."""
+  reaches its box face, at r_i = |face_i| / |w_i|; the segment holding -c is bracketed by
+  bisection on lambda and lambda solved on it (the reference reaches the same point
+  through a binary search over the sorted r)."""
   c = jnp.sum(w * t, axis=1) - b
   side = jnp.where(c >= 0, 1.0, -1.0)
   w, c = w * side[:, None], c * side
   nonzero = w != 0
   face = jnp.where(w > 0, -t, 1.0 - t)  # Where -lambda w_i stops.
   r = jnp.where(nonzero, face / jnp.where(nonzero, -w, 1.0), jnp.inf)
-  order = jnp.argsort(r, axis=1)
-  r_sorted = _take(r, order)
-  w2 = _take(w * w, order)
-  saturated = _take(jnp.where(nonzero, w * face, 0.0), order)
-  total = jnp.sum(w * w, axis=1, keepdims=True)
-  a_incl, w2_incl = jnp.cumsum(saturated, axis=1), jnp.cumsum(w2, axis=1)
-  # <w, d> at each breakpoint: the coordinates before it saturated, the rest at -lambda w.
-  at_break = (a_incl - saturated) - jnp.where(jnp.isfinite(r_sorted), r_sorted, 0.0) * (
-      total - (w2_incl - w2))
-  passed = jnp.sum(jnp.isfinite(r_sorted) & (at_break + c[:, None] >= 0), axis=1)
-  k = jnp.maximum(passed - 1, 0)[:, None]
-  remaining = (total - _take(w2_incl, k))[:, 0]
-  lam_segment = jnp.where(remaining > 0,
-                          (_take(a_incl, k)[:, 0] + c) / jnp.where(remaining > 0, remaining, 1.0),
-                          jnp.inf)
-  lam = jnp.where(passed == 0, c / jnp.maximum(total[:, 0], 1e-30), lam_segment)
+  largest_r = jnp.max(jnp.where(nonzero, r, 0.0), axis=1)
+  w_face = jnp.where(nonzero, w * face, 0.0)
+  reachable = jnp.sum(w_face, axis=1) <= -c  # Every coordinate at its face reaches the plane.
+
+  h = lambda lam: jnp.sum(jnp.where(r <= lam[:, None], w_face, -lam[:, None] * w * w), axis=1)
+  lo, hi = _bisect(h, -c, jnp.zeros_like(c), jnp.where(reachable, largest_r, 1.0))
+  free = nonzero & (r > lo[:, None])
+  remaining = jnp.sum(jnp.where(free, w * w, 0.0), axis=1)
+  lam = jnp.where(remaining > 0,
+                  (jnp.sum(jnp.where(free, 0.0, w_face), axis=1) + c)
+                  / jnp.where(remaining > 0, remaining, 1.0), hi)
+  lam = jnp.where(reachable, lam, jnp.inf)
   d = jnp.clip(-lam[:, None] * jnp.where(nonzero, w, 0.0), -t, 1.0 - t)
   return jnp.where(nonzero, d, 0.0)
 
