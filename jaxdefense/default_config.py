@@ -111,6 +111,12 @@ def get() -> ml_collections.ConfigDict:
       "square": {"queries": 5000, "restarts": 1, "p_init": 0.8},
   })
 
+  # > 1 (one device only): each AutoAttack attack runs on the points still robust,
+  # gathered, in batches of eval.batch_size / autoattack_chunks (as many as they need): the
+  # same results, the work following the robust points (attacks.apgd.run_on_robust). On
+  # the CPU, 4 made AA 1.3x faster at 64% robust, 3.5x at 3%, 10% slower at 90%.
+  c.eval.autoattack_chunks = 1
+
   c.analysis = ml_collections.ConfigDict()  # --mode=analyze.
   c.analysis.class_index = 0          # The class whose images the activation frequency uses.
   return c

@@ -88,7 +88,7 @@ def _fgsm(model, defense, variables, x, labels, key, *, eps, norm="linf", count=
                   labels)
 
 
-def _autoattack(version: str, options: dict):
+def _autoattack(version: str, options: dict, chunks: int = 1):
   def run(model, defense, variables, x, labels, key, *, eps, norm="linf", count=_uncounted):
     del defense
     if version == "rand":
@@ -97,7 +97,7 @@ def _autoattack(version: str, options: dict):
     else:
       model_fn = count(attacks.deployed(model, variables))
     result = autoattack(model_fn, x, labels, key, eps=eps, norm=norm, version=version,
-                        options=options or None)
+                        options=options or None, chunks=chunks)
     # Scored on the model as deployed, like every other column.
     correct, finite = _correct(model, variables, result.x_adv, labels)
     return result.robust & correct, finite
@@ -155,7 +155,8 @@ def suite(config: ml_collections.ConfigDict) -> dict[str, Attack]:
                          norms=BOTH),
       "cw": Attack("C&W", _pgd_attack(30, 0.1, False, loss="cw"),
                    {"steps": 30, "step_size": "0.1 eps", "loss": "cw (kappa 50)"}),
-      "autoattack": Attack("AA", _autoattack("standard", aa_options),
+      "autoattack": Attack("AA", _autoattack("standard", aa_options,
+                                             e.get("autoattack_chunks", 1)),
                            {"version": "standard", "options": aa_options}, norms=BOTH),
       "autoattack_rand": Attack("AA (rand)", _autoattack("rand", rand_options),
                                 {"version": "rand", "options": rand_options},
@@ -273,6 +274,13 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
                      f"{e.protocol!r} are L-inf only; use --config.eval.protocol=autoattack "
                      f"or --config.eval.attacks from {', '.join(allowed)}")
   parallel.check_batch_size(e.batch_size, mesh, "eval.batch_size")
+  chunks = e.get("autoattack_chunks", 1)
+  if not isinstance(chunks, int) or chunks < 1:
+    raise ValueError(f"eval.autoattack_chunks must be an integer >= 1, got {chunks!r}")
+  if chunks > 1 and mesh.size > 1:
+    raise ValueError(f"eval.autoattack_chunks={chunks} gathers AutoAttack's robust points "
+                     f"into batches that are not split over the mesh; with {mesh.size} "
+                     f"devices use eval.autoattack_chunks=1")
   if e.eps < 0:
     raise ValueError(f"eval.eps must be >= 0, got {e.eps}")
 

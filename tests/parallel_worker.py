@@ -3,10 +3,12 @@
 Used by test_parallel.py in a subprocess (device counts must be set before JAX starts):
 
   python tests/parallel_worker.py OUT_PREFIX --devices 8 --mesh-devices 1,8 \
-      --cases fsr:pgd_at,cas:trades
+      --cases fsr:pgd_at,cas:trades,autoattack
 
 writes OUT_PREFIX-<defense>-<objective>-<mesh devices>.npz for every case and mesh size
-(the first M devices of the process), all from the same global batches and rngs.
+(the first M devices of the process), all from the same global batches and rngs; the case
+`autoattack` runs the standard version (reduced budgets) on a batch sharded over the mesh
+and writes OUT_PREFIX-autoattack-<mesh devices>.npz.
 """
 import argparse
 import functools
@@ -21,6 +23,7 @@ parser.add_argument("--mesh-devices", default=None,
 parser.add_argument("--cases", default="fsr:pgd_at", help="comma-separated defense:objective")
 parser.add_argument("--steps", type=int, default=1)
 parser.add_argument("--batch", type=int, default=16)
+parser.add_argument("--eps", type=float, default=0.12, help="the autoattack case's L-inf eps")
 args = parser.parse_args()
 
 jax.config.update("jax_num_cpu_devices", args.devices)
@@ -29,7 +32,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402  (after the device count is set)
 import optax  # noqa: E402
 
-from jaxdefense import defenses, models, objectives, parallel, train  # noqa: E402
+from jaxdefense import attacks, defenses, models, objectives, parallel, train  # noqa: E402
 
 
 def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
@@ -59,9 +62,41 @@ def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
   return flat
 
 
+AUTOATTACK_BUDGET = {"apgd-ce": {"steps": 10, "unroll": 1},
+                     "apgd-t": {"steps": 5, "n_target": 2, "unroll": 1},
+                     "fab-t": {"steps": 5, "n_target": 2, "unroll": 1},
+                     "square": {"queries": 100}}
+
+
+def run_autoattack(mesh) -> dict[str, np.ndarray]:
+  """Standard AutoAttack on a tiny random model's own predictions, the batch sharded over
+  `mesh`: each attack's per-point results and the adversarial points."""
+  parallel.check_batch_size(args.batch, mesh)
+  model = models.create("wide_resnet", num_classes=4,
+                        defense=defenses.DefenseConfig(name="none"), depth=10, width=1)
+  variables = parallel.replicate(mesh, models.init(model, jax.random.key(0), (8, 8, 1)))
+  x = np.random.default_rng(0).uniform(size=(args.batch, 8, 8, 1)).astype(np.float32)
+  labels = np.asarray(attacks.deployed(model, variables)(x).logits.argmax(-1), np.int32)
+  batch = parallel.shard_batch(mesh, {"x": x, "labels": labels})
+  result = jax.jit(lambda v, x, y: attacks.autoattack(
+      attacks.deployed(model, v), x, y, jax.random.key(1), eps=args.eps,
+      options=AUTOATTACK_BUDGET))(variables, batch["x"], batch["labels"])
+  # The batch stays split over every device of the mesh.
+  assert result.x_adv.sharding.device_set == set(mesh.devices.flat), result.x_adv.sharding
+  assert mesh.size == 1 or not result.x_adv.sharding.is_fully_replicated
+  out = {"x_adv": np.asarray(result.x_adv), "robust": np.asarray(result.robust),
+         "clean": np.asarray(result.clean)}
+  out.update({f"after/{k}": np.asarray(v) for k, v in result.robust_after.items()})
+  return out
+
+
 sizes = [int(m) for m in args.mesh_devices.split(",")] if args.mesh_devices else [args.devices]
 for case in args.cases.split(","):
-  defense_name, objective_name = case.split(":")
   for size in sizes:
-    result = run(defense_name, objective_name, parallel.make_mesh(jax.devices()[:size]))
+    mesh = parallel.make_mesh(jax.devices()[:size])
+    if case == "autoattack":
+      np.savez(f"{args.out}-autoattack-{size}.npz", **run_autoattack(mesh))
+      continue
+    defense_name, objective_name = case.split(":")
+    result = run(defense_name, objective_name, mesh)
     np.savez(f"{args.out}-{defense_name}-{objective_name}-{size}.npz", **result)

@@ -13,6 +13,7 @@ import pytest
 from scipy.optimize import linprog
 
 from tests.attack_models import accuracy, linf_distance, train_mlp
+from jaxdefense import attacks
 from jaxdefense.attacks import apgd, apgd_targeted, autoattack, fab_targeted, square
 from jaxdefense.attacks.autoattack import version_attacks, version_options
 from jaxdefense.attacks.fab import project_l2_hyperplane, project_linf_hyperplane
@@ -273,6 +274,32 @@ def test_masked_execution_equals_running_on_the_subset(trained):
     robust[subset[fooled]] = False
     np.testing.assert_array_equal(result.robust_after[name], robust, err_msg=name)
   np.testing.assert_allclose(result.x_adv, x_adv, atol=1e-5)
+
+
+def test_chunked_execution_equals_whole_batches_with_fewer_passes(trained):
+  """chunks=3: every attack (and APGD-T / FAB-T target) gathers the points still robust
+  and runs them in batches of 8 of the 24: the same points broken after each attack, the
+  same adversarial points, and fewer model passes once points fall (the whole-batch run
+  computes the fooled points too). Bad chunk counts are refused."""
+  model_fn, x, y = trained
+  x, y = x[:24], y[:24]
+  keys = jax.random.split(jax.random.key(3), x.shape[0])
+  results, passes = {}, {}
+  for chunks in (1, 3):
+    counter = attacks.PassCounter()
+    results[chunks] = autoattack(counter.wrap(model_fn), x, y, keys, eps=EPS, options=SMALL,
+                                 chunks=chunks)
+    jax.effects_barrier()
+    passes[chunks] = counter.forward + counter.backward
+  whole, chunked = results[1], results[3]
+  for name in version_attacks("standard"):
+    np.testing.assert_array_equal(chunked.robust_after[name], whole.robust_after[name],
+                                  err_msg=name)
+  np.testing.assert_allclose(chunked.x_adv, whole.x_adv, atol=1e-5)
+  assert 0 < float(whole.robust_accuracy()) < float(whole.accuracy())
+  assert passes[3] < passes[1], passes
+  with pytest.raises(ValueError, match="chunks must be"):
+    autoattack(model_fn, x, y, keys, eps=EPS, options=SMALL, chunks=0)
 
 
 def test_rand_version_with_eot(trained):

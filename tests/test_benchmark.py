@@ -76,3 +76,27 @@ def test_flops_count_convolutions_and_matmuls():
           jnp.ones((out * out * c_out, classes)))
   expected = 2 * n * out * out * k * k * c_in * c_out + 2 * n * out * out * c_out * classes
   assert benchmark.cpu_flops(fn, args) == pytest.approx(expected, rel=0.01)
+
+
+_AA_PATH = _PATH.parent / "autoattack.py"
+_AA_SPEC = importlib.util.spec_from_file_location("benchmarks_autoattack", _AA_PATH)
+aa_benchmark = importlib.util.module_from_spec(_AA_SPEC)
+_AA_SPEC.loader.exec_module(aa_benchmark)
+
+
+def test_autoattack_budget_scales_iterations_and_queries_alike():
+  assert aa_benchmark.budget(1.0) == (100, 5000)
+  assert aa_benchmark.budget(0.05) == (5, 250)
+  assert aa_benchmark.budget(1e-4) == (1, 1)  # At least one of each.
+
+
+def test_autoattack_pytorch_pass_counter_counts_examples_per_call():
+  """adv-lib's count: examples x forward calls, examples x backward calls."""
+  import torch
+  inner = torch.nn.Linear(3, 2)
+  counted = aa_benchmark.counted_torch(lambda x: (inner(x),))
+  x = torch.zeros(5, 3, requires_grad=True)
+  counted(x).sum().backward()
+  with torch.no_grad():
+    counted(torch.zeros(4, 3))
+  assert counted.passes == [9, 5]

@@ -24,6 +24,7 @@ def _config(defense):
   c.eval.attacks = ("fgsm", "pgd20", "cw", "autoattack", "adaptive", "eot")
   for name, options in FAST_AA.items():
     c.eval.autoattack_options[name].update(options)
+  c.eval.autoattack_chunks = 2  # Gathered robust points (equal to whole: test_autoattack).
   return c
 
 
@@ -93,6 +94,10 @@ def test_undefended_model_skips_adaptive_attacks(tmp_path, rolled_attack_loops):
   assert report["results"]["worst_case"]["attacks"] == ["pgd20"]
   with pytest.raises(ValueError, match="unknown eval attack.*'pgd7'.*allowed: fgsm, pgd20"):
     config.eval.attacks = ("pgd7",)
+    evaluate.run(config, str(tmp_path))
+  config.eval.attacks = ("autoattack",)
+  config.eval.autoattack_chunks = 0
+  with pytest.raises(ValueError, match="eval.autoattack_chunks must be an integer >= 1, got 0"):
     evaluate.run(config, str(tmp_path))
 
 

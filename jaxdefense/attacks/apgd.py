@@ -15,6 +15,7 @@ running on the subset.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Union
 
 import jax
@@ -265,25 +266,56 @@ def _single_run(evaluate, x: jax.Array, labels: jax.Array, x_start: jax.Array,
 
 def run_on_robust(forward: Forward, x: jax.Array, labels: jax.Array, keys: jax.Array,
                   model_key: jax.Array | None, active: jax.Array | None, runs: int,
-                  run_fn: Callable[..., tuple[jax.Array, jax.Array]]) -> jax.Array:
-  """The reference's `perturb`: `runs` runs, each on the points still correctly classified
-  (masked); a point fooled by a run takes that run's adversarial point and is not run again.
-  `run_fn(run, keys, model_key, x, attacked) -> (x_adv, still_correct)`."""
+                  run_fn: Callable[..., tuple[jax.Array, jax.Array]],
+                  chunks: int = 1) -> jax.Array:
+  """The reference's `perturb`: `runs` runs, each on the points still correctly classified;
+  a point fooled by a run takes that run's adversarial point and is not run again.
+  `run_fn(run, keys, model_key, x, labels, attacked) -> (x_adv, still_correct)`.
+
+  `chunks` = 1: every run takes the whole batch, the points not attacked masked. `chunks`
+  = C > 1: the points still robust are gathered and attacked in batches of ceil(N / C), as
+  many as they need: the work follows the robust points, as the reference's (which
+  gathers them), in smaller batches. Each point's result is the same either way (per-point
+  keys and step sizes); a randomised model (`model_key`) draws its noise per batch, so it
+  is always run whole. (Choosing the whole batch by a `cond` when all C batches are needed
+  made both branches ~20% slower on the CPU.) Under a mesh the gathered batches are not
+  split over the devices (XLA replicates them): use C > 1 on one device."""
   if runs == 0:
     return x
+  check_positive("chunks", chunks)
   acc = predicts(forward(x, fold_model(model_key, 0)).logits, labels)
   if active is not None:
     acc = acc & active
+  n = x.shape[0]
+  chunks = 1 if model_key is not None else min(chunks, n)
+
+  def whole(r, carry):
+    adv, acc = carry
+    adv_run, acc_run = run_fn(r, fold(keys, r), fold_model(model_key, r + 1), x, labels, acc)
+    fooled = acc & ~acc_run
+    return jnp.where(per_point(fooled, x.ndim), adv_run, adv), acc & ~fooled
+
+  size = -(-n // chunks)
+
+  def gathered(r, batches, carry):
+    order = jnp.concatenate([jnp.argsort(~carry[1], stable=True),  # The robust points first.
+                             jnp.full((size * chunks - n,), n, jnp.int32)])
+    run_keys = fold(keys, r)
+
+    def batch(j, carry):
+      adv, acc = carry
+      index = jax.lax.dynamic_slice(order, (j * size,), (size,))
+      valid, index = index < n, jnp.minimum(index, n - 1)
+      attacked = acc[index] & valid
+      adv_run, acc_run = run_fn(r, run_keys[index], None, x[index], labels[index], attacked)
+      into = jnp.where(attacked & ~acc_run, index, n)  # Only the fooled; n is dropped.
+      return adv.at[into].set(adv_run, mode="drop"), acc.at[into].set(False, mode="drop")
+    return jax.lax.fori_loop(0, batches, batch, carry)
 
   def run(r, carry):
-    adv, acc = carry
-
-    def attack(carry):
-      adv, acc = carry
-      adv_run, acc_run = run_fn(r, fold(keys, r), fold_model(model_key, r + 1), x, acc)
-      fooled = acc & ~acc_run
-      return jnp.where(per_point(fooled, x.ndim), adv_run, adv), acc & ~fooled
-    return jax.lax.cond(jnp.any(acc), attack, lambda c: c, (adv, acc))
+    if chunks == 1:
+      return jax.lax.cond(jnp.any(carry[1]), functools.partial(whole, r), lambda c: c, carry)
+    return gathered(r, (jnp.sum(carry[1]) + size - 1) // size, carry)
 
   adv, _ = jax.lax.fori_loop(0, runs, run, (x, acc))
   return adv
@@ -316,25 +348,27 @@ def apgd(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
          key: jax.Array, *, eps, norm: str = "linf", loss: str | losses.LossFn = "ce",
          steps: int = 100, restarts: int = 1, rho: float = 0.75, eot_samples: int = 1,
          stochastic: bool = False, model_key: jax.Array | None = None,
-         active: jax.Array | None = None, unroll: int | None = None) -> jax.Array:
+         active: jax.Array | None = None, unroll: int | None = None,
+         chunks: int = 1) -> jax.Array:
   """APGD maximising `loss` ("ce", "dlr" -(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3 + 1e-12),
   or any per-example loss) in the eps-ball: the adversarial points, x where not fooled.
 
   `stochastic`: `model_fn(x, key)` is a randomised model; gradients are averaged over
-  `eot_samples` draws (EOT). `active` (N,) bool: the points to attack (default all)."""
+  `eot_samples` draws (EOT). `active` (N,) bool: the points to attack (default all);
+  `chunks`: see `run_on_robust`."""
   _check_common(eps, norm, steps, restarts, rho, eot_samples, "apgd")
   loss_fn = _resolve_loss(loss)
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, stochastic)
   keys, model_key = example_keys(key, x.shape[0], model_key, stochastic)
-  evaluate = _loss_and_grad(forward, loss_fn, labels, eot_samples)
   unroll = default_unroll(steps) if unroll is None else unroll
 
-  def run_fn(r, run_keys, run_model_key, x, attacked):
+  def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del r, attacked
+    evaluate = _loss_and_grad(forward, loss_fn, labels, eot_samples)
     return _single_run(evaluate, x, labels, random_start(run_keys, x, eps, norm),
                        run_model_key, eps=eps, norm=norm, steps=steps, rho=rho, unroll=unroll)
-  return run_on_robust(forward, x, labels, keys, model_key, active, restarts, run_fn)
+  return run_on_robust(forward, x, labels, keys, model_key, active, restarts, run_fn, chunks)
 
 
 def target_classes(logits: jax.Array, rank) -> jax.Array:
@@ -349,7 +383,7 @@ def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: j
                   n_target: int = 9, restarts: int = 1, rho: float = 0.75,
                   eot_samples: int = 1, stochastic: bool = False,
                   model_key: jax.Array | None = None, active: jax.Array | None = None,
-                  unroll: int | None = None) -> jax.Array:
+                  unroll: int | None = None, chunks: int = 1) -> jax.Array:
   """APGD-T: APGD on the targeted DLR loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2 + 1e-12)
   for t = the 2nd, ..., (n_target+1)th most likely class of the clean logits, each target
   (times `restarts`) run on the points not yet fooled. Needs >= 4 classes."""
@@ -363,7 +397,7 @@ def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: j
   check_n_target(n_target, classes, "apgd_targeted")
   unroll = default_unroll(steps) if unroll is None else unroll
 
-  def run_fn(r, run_keys, run_model_key, x, attacked):
+  def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del attacked
     target_key, iterate_key = (None, None) if run_model_key is None else \
         jax.random.split(run_model_key)
@@ -371,4 +405,5 @@ def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: j
     evaluate = _loss_and_grad(forward, losses.dlr_targeted(targets), labels, eot_samples)
     return _single_run(evaluate, x, labels, random_start(run_keys, x, eps, norm),
                        iterate_key, eps=eps, norm=norm, steps=steps, rho=rho, unroll=unroll)
-  return run_on_robust(forward, x, labels, keys, model_key, active, n_target * restarts, run_fn)
+  return run_on_robust(forward, x, labels, keys, model_key, active, n_target * restarts, run_fn,
+                       chunks)

@@ -127,12 +127,15 @@ def autoattack(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.
                key: jax.Array, *, eps, norm: str = "linf", version: str = "standard",
                attacks: Sequence[str] | None = None,
                options: Mapping[str, Mapping[str, Any]] | None = None,
-               model_key: jax.Array | None = None) -> AutoAttackResult:
+               model_key: jax.Array | None = None, chunks: int = 1) -> AutoAttackResult:
   """Runs `attacks` (default: the version's) in order on the points still robust.
 
   `options` overrides budgets per attack, e.g. `{"apgd-t": {"steps": 20, "n_target": 3},
   "square": {"queries": 500}}` (allowed names: `OPTIONS`). `key` is one PRNG key or one per
-  example; in the rand version, `model_key` (default: from `key`) drives the model's noise."""
+  example; in the rand version, `model_key` (default: from `key`) drives the model's noise.
+  `chunks` > 1: each attack (and each APGD-T / FAB-T target) runs on the points still
+  robust, gathered, in batches of ceil(N / chunks) (`apgd.run_on_robust`): the same
+  result, with work that follows the robust points (the standard version only)."""
   _check_version(version)
   check_eps(eps)
   if norm not in APGD_NORMS:
@@ -151,6 +154,8 @@ def autoattack(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.
     kwargs = dict(resolved[name])
     if stochastic:
       kwargs.update(stochastic=True, model_key=fold_model(model_key, 2 * j + 1))
+    else:
+      kwargs.update(chunks=chunks)
     adv = _attack_fn(name)(model_fn, x, labels, fold(keys, j), eps=eps, norm=norm,
                            active=robust, **kwargs)
     prediction = forward(adv, fold_model(model_key, 2 * j + 2)).logits

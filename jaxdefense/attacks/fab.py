@@ -172,7 +172,7 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
                  eps, norm: str = "linf", steps: int = 100, n_target: int = 9,
                  restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, active: jax.Array | None = None,
-                 unroll: int | None = None) -> jax.Array:
+                 unroll: int | None = None, chunks: int = 1) -> jax.Array:
   """FAB-T (L-inf or L2): the adversarial points (inside the eps-ball), x where not fooled.
 
   Each of the n_target targets gets `restarts` runs on the points not yet fooled; restarts
@@ -188,7 +188,7 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
   keys, _ = example_keys(key, x.shape[0], None, False)
   unroll = default_unroll(steps) if unroll is None else unroll
 
-  def run_fn(r, run_keys, run_model_key, x, attacked):
+  def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del run_model_key, attacked
     targets = target_classes(model_fn(x).logits, 2 + r // restarts)
     x_start = jnp.where(r % restarts > 0, random_start(run_keys, x, eps / 2, norm), x)
@@ -198,5 +198,5 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
     still_correct = predicts(model_fn(adv).logits, labels) | \
         (_distance((adv - x).reshape(x.shape[0], -1), norm) > eps)
     return project(adv, x, eps, norm), still_correct
-  return run_on_robust(forward, x, labels, keys, None, active, n_target * restarts,
-                              run_fn)
+  return run_on_robust(forward, x, labels, keys, None, active, n_target * restarts, run_fn,
+                       chunks)

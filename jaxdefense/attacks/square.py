@@ -227,7 +227,8 @@ def _square_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Ar
 
 def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
            norm: str = "linf", queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
-           rescale_schedule: bool = False, active: jax.Array | None = None) -> jax.Array:
+           rescale_schedule: bool = False, active: jax.Array | None = None,
+           chunks: int = 1) -> jax.Array:
   """Square Attack (L-inf or L2, margin loss) on NHWC images: the adversarial points, x
   where not fooled. Each restart runs `queries` queries on the points not yet fooled."""
   check_eps(eps)
@@ -249,9 +250,9 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
     sizes = square_sizes_l2(x.shape[1], x.shape[2], queries, p_init, rescale_schedule)
     run = functools.partial(_square_run_l2, sizes=sizes)
 
-  def run_fn(r, run_keys, run_model_key, x, attacked):
+  def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del r, run_model_key
     adv, _ = run(model_fn, x, labels, run_keys, attacked, eps=eps, queries=queries)
     adv = project(adv, x, eps, norm)  # L2: the rescaled delta may exceed eps by an ulp.
     return adv, predicts(model_fn(adv).logits, labels)
-  return run_on_robust(forward, x, labels, keys, None, active, restarts, run_fn)
+  return run_on_robust(forward, x, labels, keys, None, active, restarts, run_fn, chunks)
