@@ -31,7 +31,9 @@ torchvision nor requests). Its `AutoAttack` runs APGD, APGD-T and FAB-T with 10 
 of its APGD / APGDT / FAB(multi_targeted) / Square with the standard budget instead. It is
 given the correctly classified points, as the reference's first step does.
 
-Each component runs on every side alternately, `--repeats` times; jaxdefense's first run
+The PyTorch peers run on `--torch_device` (default: cuda where available, so that on a
+GPU host both sides use the same GPU). Each component runs on every side alternately,
+`--repeats` times; jaxdefense's first run
 includes compilation, reported apart. Printed per component and side: seconds, points per
 second, forward and backward passes (examples x model calls, as adv-lib counts them),
 robust accuracy, the ratio of the times, and the points one side breaks and jaxdefense
@@ -179,10 +181,10 @@ def jax_runner(model, variables, eps, component, seed, scale, chunks):
   return run
 
 
-def _nchw(x, y):
+def _nchw(x, y, device: str):
   import torch
-  return (torch.tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))),
-          torch.tensor(np.asarray(y), dtype=torch.long))
+  return (torch.tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)), device=device),
+          torch.tensor(np.asarray(y), dtype=torch.long, device=device))
 
 
 def run_reference(module, x, y, eps, component, seed, scale, num_classes):
@@ -191,16 +193,17 @@ def run_reference(module, x, y, eps, component, seed, scale, num_classes):
   import pyautoattack
   counted = counted_torch(module)
   adversary = pyautoattack.AutoAttack(counted, norm="Linf", eps=eps, version="standard",
-                                      device="cpu", seed=seed)
+                                      device=_device(module), seed=seed)
   steps, queries = budget(scale)
   adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
   adversary.square.n_queries = queries
   if component != "standard":
     adversary.attacks_to_run = [component]
   adversary.verbose = False
-  xt, yt = _nchw(x, y)
+  xt, yt = _nchw(x, y, _device(module))
   start = time.perf_counter()
   x_adv, _ = adversary.run_standard_evaluation(xt, yt, batch_size=len(yt))
+  _synchronize(xt.device)
   seconds = time.perf_counter() - start
   return _robust(module, x_adv, yt), seconds, *counted.passes
 
@@ -226,21 +229,33 @@ def run_torchattacks(module, x, y, eps, component, seed, scale, num_classes):
     attack = torchattacks.MultiAttack([make[c]() for c in COMPONENTS[1:]])
   else:
     attack = make[component]()
-  xt, yt = _nchw(x, y)
+  xt, yt = _nchw(x, y, _device(module))
   start = time.perf_counter()
   with torch.no_grad():
     clean = counted(xt).argmax(1) == yt
   x_adv = xt.clone()
   if clean.any():
     x_adv[clean] = attack(xt[clean], yt[clean])
+  _synchronize(xt.device)
   seconds = time.perf_counter() - start
-  return _robust(module, x_adv, yt) & clean.numpy(), seconds, *counted.passes
+  return _robust(module, x_adv, yt) & clean.cpu().numpy(), seconds, *counted.passes
 
 
 def _robust(module, x_adv, yt) -> np.ndarray:
   import torch
   with torch.no_grad():
-    return (module(x_adv)[0].argmax(1) == yt).numpy()
+    return (module(x_adv)[0].argmax(1) == yt).cpu().numpy()
+
+
+def _device(module) -> str:
+  return str(next(module.parameters()).device)
+
+
+def _synchronize(device) -> None:
+  """The GPU's queued work done, so that the timer stops after it."""
+  import torch
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
 
 
 RUNNERS = {"auto-attack": run_reference, "torchattacks": run_torchattacks}
@@ -264,6 +279,8 @@ def main() -> None:
                  help="iterations and queries as a fraction of the standard version's")
   p.add_argument("--chunks", type=int, default=1,
                  help="jaxdefense: attack the robust points gathered, in this many batches")
+  p.add_argument("--torch_device", default=None,
+                 help="the PyTorch peers' device (default: cuda if available, else cpu)")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="also write the rows here")
@@ -285,15 +302,18 @@ def main() -> None:
   xla_flags.set_cpu_defaults()
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
+  if a.torch_device is None:
+    a.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
   what, model, variables, module, x, y, eps, num_classes = problem(a)
   with torch.no_grad():
-    torch_clean = module(_nchw(x, y)[0])[0].argmax(1).numpy() == y
+    module = module.to(a.torch_device)
+    torch_clean = module(_nchw(x, y, a.torch_device)[0])[0].argmax(1).cpu().numpy() == y
   jax_clean = np.asarray(jnp.argmax(attacks.deployed(model, variables)(x).logits, -1)) == y
   steps, queries = budget(a.budget)
   print(f"{what}; eps {eps:.5f} L-inf; {steps} iterations, {queries} Square queries; clean "
         f"accuracy jaxdefense {jax_clean.mean():.2%}, PyTorch {torch_clean.mean():.2%}; "
-        f"jax on {jax.devices()[0].platform}, torch {torch.__version__} on CPU "
-        f"({torch.get_num_threads()} threads); peers: {', '.join(peers)}", flush=True)
+        f"jax on {jax.devices()[0].platform}, torch {torch.__version__} on {a.torch_device} "
+        f"({torch.get_num_threads()} CPU threads); peers: {', '.join(peers)}", flush=True)
   rows = []
   for component in components:
     run_jax = jax_runner(model, variables, eps, component, a.seed, a.budget, a.chunks)
