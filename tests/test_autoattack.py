@@ -255,32 +255,11 @@ def test_gradient_masked_model_is_not_reported_robust(trained):
   assert float(result.robust_accuracy()) < natural - 0.4
 
 
-def test_masked_execution_equals_running_on_the_subset(trained):
-  model_fn, x, y = trained
-  x, y = x[:24], y[:24]
-  keys = jax.random.split(jax.random.key(3), x.shape[0])
-  result = autoattack(model_fn, x, y, keys, eps=EPS, options=SMALL)
-  # The reference's loop: each attack on the points still robust, gathered.
-  robust = np.array(jnp.argmax(model_fn(x).logits, -1) == y)
-  x_adv = np.array(x)
-  attacks = {"apgd-ce": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square}
-  for j, name in enumerate(version_attacks("standard")):
-    subset = np.flatnonzero(robust)
-    options = {**version_options("standard")[name], **SMALL[name]}
-    sub_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys[subset])
-    adv = attacks[name](model_fn, x[subset], y[subset], sub_keys, eps=EPS, **options)
-    fooled = np.asarray(jnp.argmax(model_fn(adv).logits, -1) != y[subset])
-    x_adv[subset[fooled]] = np.asarray(adv)[fooled]
-    robust[subset[fooled]] = False
-    np.testing.assert_array_equal(result.robust_after[name], robust, err_msg=name)
-  np.testing.assert_allclose(result.x_adv, x_adv, atol=1e-5)
-
-
-def test_chunked_execution_equals_whole_batches_with_fewer_passes(trained):
-  """chunks=3: every attack (and APGD-T / FAB-T target) gathers the points still robust
-  and runs them in batches of 8 of the 24: the same points broken after each attack, the
-  same adversarial points, and fewer model passes once points fall (the whole-batch run
-  computes the fooled points too). Bad chunk counts are refused."""
+def test_masked_and_gathered_execution_equal_running_on_the_subset(trained):
+  """Each attack on the points still robust, as the reference's loop gathers them: masked
+  in the whole batch (chunks=1) and gathered into batches of 8 (chunks=3) give its robust
+  points after every attack and its adversarial points; gathering takes fewer model
+  passes (the masked batch computes the fooled points too). Bad chunk counts are refused."""
   model_fn, x, y = trained
   x, y = x[:24], y[:24]
   keys = jax.random.split(jax.random.key(3), x.shape[0])
@@ -291,15 +270,27 @@ def test_chunked_execution_equals_whole_batches_with_fewer_passes(trained):
                                  chunks=chunks)
     jax.effects_barrier()
     passes[chunks] = counter.forward + counter.backward
-  whole, chunked = results[1], results[3]
-  for name in version_attacks("standard"):
-    np.testing.assert_array_equal(chunked.robust_after[name], whole.robust_after[name],
-                                  err_msg=name)
-  np.testing.assert_allclose(chunked.x_adv, whole.x_adv, atol=1e-5)
-  assert 0 < float(whole.robust_accuracy()) < float(whole.accuracy())
   assert passes[3] < passes[1], passes
   with pytest.raises(ValueError, match="chunks must be"):
     autoattack(model_fn, x, y, keys, eps=EPS, options=SMALL, chunks=0)
+  # The reference's loop: each attack on the points still robust, gathered.
+  robust = np.array(jnp.argmax(model_fn(x).logits, -1) == y)
+  x_adv = np.array(x)
+  by_name = {"apgd-ce": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square}
+  for j, name in enumerate(version_attacks("standard")):
+    subset = np.flatnonzero(robust)
+    options = {**version_options("standard")[name], **SMALL[name]}
+    sub_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys[subset])
+    adv = by_name[name](model_fn, x[subset], y[subset], sub_keys, eps=EPS, **options)
+    fooled = np.asarray(jnp.argmax(model_fn(adv).logits, -1) != y[subset])
+    x_adv[subset[fooled]] = np.asarray(adv)[fooled]
+    robust[subset[fooled]] = False
+    for chunks, result in results.items():
+      np.testing.assert_array_equal(result.robust_after[name], robust,
+                                    err_msg=f"{name}, chunks={chunks}")
+  assert 0 < robust.mean() < float(results[1].accuracy())
+  for result in results.values():
+    np.testing.assert_allclose(result.x_adv, x_adv, atol=1e-5)
 
 
 def test_rand_version_with_eot(trained):

@@ -135,7 +135,7 @@ def test_cifs_protocol_and_mask_analysis(tmp_path, rolled_attack_loops):
   above natural accuracy), the attack through the mask's input dependence runs, and the
   analysis reports each CIFS module's mean channel importance (a softmax: sums to 1)."""
   config = _config("cifs")
-  config.train.epochs = 2
+  config.train.epochs = 1
   config.eval.attacks = ()
   config.eval.protocol = "cifs"
   protocol = evaluate.attack_names(config)

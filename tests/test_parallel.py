@@ -18,8 +18,12 @@ from tests.test_train import ROOT, TINY
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
 
+# The suite's XLA flags (conftest.py: fast compilation), without any device count.
+FLAGS = os.environ.get("XLA_FLAGS", "")
+
+
 def _run(out, *args):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=FLAGS, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, WORKER, str(out), *map(str, args)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -73,7 +77,7 @@ def _free_port():
 
 
 def _main(cwd, workdir, devices, *flags):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=f"{FLAGS} --xla_force_host_platform_device_count={devices}",
              PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
                            f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}:fsr",
