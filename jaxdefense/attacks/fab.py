@@ -176,7 +176,8 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
   """FAB-T (L-inf or L2): the adversarial points (inside the eps-ball), x where not fooled.
 
   Each of the n_target targets gets `restarts` runs on the points not yet fooled; restarts
-  after the first start from x + eps/2 t / ||t||, t ~ U[-1, 1] (L-inf) or N(0, I) (L2)."""
+  after the first start from x + eps/2 t / ||t||, t ~ U[-1, 1] (L-inf) or N(0, I) (L2);
+  `chunks`: those points gathered, see `apgd.run_on_robust`."""
   check_eps(eps)
   check_norm(norm, NORMS, "fab_targeted")
   check_positive("steps", steps)

@@ -230,7 +230,8 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
            rescale_schedule: bool = False, active: jax.Array | None = None,
            chunks: int = 1) -> jax.Array:
   """Square Attack (L-inf or L2, margin loss) on NHWC images: the adversarial points, x
-  where not fooled. Each restart runs `queries` queries on the points not yet fooled."""
+  where not fooled. Each restart runs `queries` queries on the points not yet fooled
+  (`chunks`: gathered, see `apgd.run_on_robust`)."""
   check_eps(eps)
   check_norm(norm, NORMS, "square")
   check_positive("queries", queries)
