@@ -37,7 +37,8 @@ def _take(v: jax.Array, index: jax.Array) -> jax.Array:
 def _bisect(decreasing: Callable[[jax.Array], jax.Array], target: jax.Array, lo: jax.Array,
             hi: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per row, the adjacent float32 pair (lo, hi) with f(lo) >= target > f(hi) for a
-  non-increasing f given f(lo) >= target > f(hi): bisection until the midpoint is lo or hi
+  non-increasing f given f(lo) >= target > f(hi) (a row given lo = hi is left as it is):
+  bisection until the midpoint is lo or hi
   (at most ~280 halvings cover every float32 in [0, 1]; the loop stops when all rows are
   done). No sort: XLA's CPU sort of a (2N, 784) array costs more than the model's forward
   pass, the bisection's O(D) sums a small fraction of it."""
@@ -78,8 +79,9 @@ def project_linf_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Arr
   searched = (change - full > 0) & ~below_smallest
 
   g = lambda lam: -jnp.sum(weight * jnp.minimum(lam[:, None], p), axis=1)
+  # Rows not searched start converged (lo = hi): the loop runs for the searched ones only.
   lo, hi = _bisect(g, change, jnp.where(searched, smallest_p, 0.0),
-                   jnp.where(searched, jnp.max(p, axis=1), 1.0))
+                   jnp.where(searched, jnp.max(p, axis=1), 0.0))
   free = p > lo[:, None]  # Unsaturated on the segment: p_i >= hi.
   lam = jnp.maximum((-jnp.sum(jnp.where(free, 0.0, weight * p), axis=1) - change)
                     / jnp.maximum(jnp.sum(jnp.where(free, weight, 0.0), axis=1), 1e-30), 0.0)
@@ -110,7 +112,7 @@ def project_l2_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array
   reachable = jnp.sum(w_face, axis=1) <= -c  # Every coordinate at its face reaches the plane.
 
   h = lambda lam: jnp.sum(jnp.where(r <= lam[:, None], w_face, -lam[:, None] * w * w), axis=1)
-  lo, hi = _bisect(h, -c, jnp.zeros_like(c), jnp.where(reachable, largest_r, 1.0))
+  lo, hi = _bisect(h, -c, jnp.zeros_like(c), jnp.where(reachable, largest_r, 0.0))
   free = nonzero & (r > lo[:, None])
   remaining = jnp.sum(jnp.where(free, w * w, 0.0), axis=1)
   lam = jnp.where(remaining > 0,
