@@ -8,7 +8,7 @@ torchattacks' AutoAttack.
     python benchmarks/autoattack.py --workdir=workdirs/quickstart --points=120 \
         --components=standard
     python benchmarks/autoattack.py --workdir=workdirs/quickstart --points=60 \
-        --components=apgd-ce,apgd-t,fab-t,square
+        --components=apgd_ce,apgd_t,fab_t,square
     python benchmarks/autoattack.py --model=resnet18 --points=8 --budget=0.05
 
 Models. `quickstart` (default): the quick-start checkpoint in `--workdir`, moved to PyTorch
@@ -20,7 +20,8 @@ default), so no attack succeeds and every point runs every iteration, restart an
 every side (the robust accuracy printed shows it).
 
 Components: `standard` is the whole standard version (APGD-CE, APGD-T, FAB-T, Square, each
-on the points still robust); the others run one attack alone with the standard version's
+on the points still robust); the others (`apgd_ce`, `apgd_t`, `fab_t`, `square`: jaxdefense's
+names, as in `eval.autoattack_options`) run one attack alone with the standard version's
 budget (APGD-T and FAB-T 9 targets, Square 5000 queries). `--budget` scales every
 iteration count and query budget on all sides alike (for the big models on a CPU).
 
@@ -56,9 +57,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxdefense import (  # noqa: E402
-    attacks, convert, layouts, models, parallel, paths, train, xla_flags)
+    attacks, build, convert, layouts, models, parallel, paths, xla_flags)
 
-COMPONENTS = ("standard", "apgd-ce", "apgd-t", "fab-t", "square")
+COMPONENTS = ("standard", "apgd_ce", "apgd_t", "fab_t", "square")
+# fra31/auto-attack's names for them (its `attacks_to_run`).
+REFERENCE_NAMES = {"apgd_ce": "apgd-ce", "apgd_t": "apgd-t", "fab_t": "fab-t", "square": "square"}
 PEERS = ("auto-attack", "torchattacks")
 # model -> (config file, its argument, layout); the random models' PyTorch modules below.
 MODELS = {"quickstart": ("quickstart.py", "none", "resnet18"),
@@ -77,9 +80,9 @@ def _config(name: str, argument: str):
 def load_quickstart(workdir: str):
   """The quick-start config, its model, the workdir's latest variables and its step."""
   config = _config("quickstart.py", "none")
-  dataset = train.load_data(config)
-  model = train.build_model(config, dataset.num_classes)
-  variables, step = train.restore_variables(config, paths.resolve(workdir), "latest",
+  dataset = build.load_data(config)
+  model = build.build_model(config, dataset.num_classes)
+  variables, step = build.restore_variables(config, paths.resolve(workdir), "latest",
                                             model, dataset.image_shape, parallel.make_mesh())
   return config, dataset, model, jax.device_get(variables), step
 
@@ -113,7 +116,7 @@ def problem(a):
     return what, model, variables, torch_module(a.model, variables, config), x, y, eps, \
         dataset.num_classes
   config = _config(config_file, argument)
-  model = train.build_model(config, 10)
+  model = build.build_model(config, 10)
   x = np.random.default_rng(a.seed).uniform(size=(a.points, 32, 32, 3)).astype(np.float32)
   variables = jax.device_get(models.init(model, jax.random.key(a.seed), x.shape[1:]))
   y = np.asarray(jnp.argmax(attacks.deployed(model, variables)(x).logits, -1), np.int32)
@@ -162,8 +165,8 @@ def jax_runner(model, variables, eps, component, seed, scale, chunks):
   counter = attacks.PassCounter()
   names = None if component == "standard" else (component,)
   steps, queries = budget(scale)
-  options = {"apgd-ce": {"steps": steps}, "apgd-t": {"steps": steps},
-             "fab-t": {"steps": steps}, "square": {"queries": queries}}
+  options = {"apgd_ce": {"steps": steps}, "apgd_t": {"steps": steps},
+             "fab_t": {"steps": steps}, "square": {"queries": queries}}
 
   @jax.jit
   def attack(x, y):
@@ -198,7 +201,7 @@ def run_reference(module, x, y, eps, component, seed, scale, num_classes):
   adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
   adversary.square.n_queries = queries
   if component != "standard":
-    adversary.attacks_to_run = [component]
+    adversary.attacks_to_run = [REFERENCE_NAMES[component]]
   adversary.verbose = False
   xt, yt = _nchw(x, y, _device(module))
   start = time.perf_counter()
@@ -216,11 +219,11 @@ def run_torchattacks(module, x, y, eps, component, seed, scale, num_classes):
   counted = counted_torch(module)
   steps, queries = budget(scale)
   make = {
-      "apgd-ce": lambda: torchattacks.APGD(counted, norm="Linf", eps=eps, steps=steps,
+      "apgd_ce": lambda: torchattacks.APGD(counted, norm="Linf", eps=eps, steps=steps,
                                            n_restarts=1, seed=seed, loss="ce"),
-      "apgd-t": lambda: torchattacks.APGDT(counted, norm="Linf", eps=eps, steps=steps,
+      "apgd_t": lambda: torchattacks.APGDT(counted, norm="Linf", eps=eps, steps=steps,
                                            n_restarts=1, seed=seed, n_classes=num_classes),
-      "fab-t": lambda: torchattacks.FAB(counted, norm="Linf", eps=eps, steps=steps,
+      "fab_t": lambda: torchattacks.FAB(counted, norm="Linf", eps=eps, steps=steps,
                                         n_restarts=1, seed=seed, multi_targeted=True,
                                         n_classes=num_classes),
       "square": lambda: torchattacks.Square(counted, norm="Linf", eps=eps, n_queries=queries,

@@ -6,7 +6,7 @@ r"""Throughput, FLOPs, MFU, compile time and memory of PGD-10, the AT step and e
 
 For every model, defense (none, CAS, FSR, CIFS) and batch size it reports images per second of
 (a) the PGD attack alone (the model as deployed), (b) the full adversarial-training step
-(`train.train_step` with the `pgd_at` objective: augmentation, attack, update; donated
+(`steps.train_step` with the `pgd_at` objective: augmentation, attack, update; donated
 state) and (c) the evaluation forward pass; the step's FLOPs from XLA's cost analysis of
 the function lowered for the CPU backend on every platform (on GPUs the compiled function's
 analysis skips cuDNN convolutions, nearly all of the work), the achieved FLOP/s as a
@@ -31,7 +31,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import attacks, data, default_config, defenses, objectives, train, xla_flags
+from jaxdefense import attacks, build, data, default_config, defenses, objectives, xla_flags
+from jaxdefense.steps import train_step
 
 MODELS = ("resnet18", "wrn34_10", "vgg16")
 ISSUE_MODELS = "resnet18,wrn34_10"  # The accelerator default: the two the targets name.
@@ -182,17 +183,17 @@ def matmul_peak(dtype: Any, size: int, repeats: int) -> float:
   return chain * 2 * size**3 / min(timing.times)
 
 
-def build(arch: str, defense: str, dtype: str, steps: int):
+def setup(arch: str, defense: str, dtype: str, steps: int):
   """The model, optimizer, train step and attack of the papers' recipe for arch + defense."""
   config = default_config.paper_recipe(arch, defense)
   config.model.dtype = dtype
   config.objective.attack.steps = steps
-  model = train.build_model(config, NUM_CLASSES)
-  defense_config, attack_config = train.defense_config(config), train.attack_config(config)
-  tx, schedule = train.make_optimizer(config, steps_per_epoch=390)
+  model = build.build_model(config, NUM_CLASSES)
+  defense_config, attack_config = build.defense_config(config), build.attack_config(config)
+  tx, schedule = build.make_optimizer(config, steps_per_epoch=390)
   objective = objectives.make("pgd_at", model, defense_config, attack_config)
   augment = functools.partial(data.augment, **data.augmentation_for(config.data.name))
-  step = functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+  step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                            augment=augment, ema_decay=0.0)
   # The training attack's loss, as `attack.loss="auto"` picks it in the step.
   loss = (attacks.losses.defense_loss(defense_config) if defense in defenses.LABELLED
@@ -212,8 +213,8 @@ def build(arch: str, defense: str, dtype: str, steps: int):
 def benchmark(arch: str, defense: str, batch_size: int, args: argparse.Namespace,
               peak: float) -> dict[str, Any]:
   """Every measurement for one (model, defense, batch size)."""
-  model, tx, step, attack, evaluate = build(arch, defense, args.dtype, args.steps)
-  state = train.create_train_state(model, tx, jax.random.key(0), IMAGE_SHAPE, ema=False)
+  model, tx, step, attack, evaluate = setup(arch, defense, args.dtype, args.steps)
+  state = build.create_train_state(model, tx, jax.random.key(0), IMAGE_SHAPE, ema=False)
   synthetic = data.synthetic(num_train=batch_size, num_test=1, image_size=IMAGE_SHAPE[0],
                              channels=IMAGE_SHAPE[2], num_classes=NUM_CLASSES)
   batch = {"images": jnp.asarray(synthetic.train_images),

@@ -5,7 +5,6 @@ compile the same tiny programs: training runs, resumes, main.py runs). On a GPU 
 share it, so none preallocates its memory."""
 import os
 import shutil
-import sys
 import tempfile
 
 import jax
@@ -48,9 +47,7 @@ def rolled_attack_loops():
   """Attack loops compiled rolled (`unroll=1`) instead of the measured default (whole up to
   20 steps): the same iterations, several times less to compile, for tests that run many
   attacks on tiny models once."""
-  import jaxdefense.attacks  # noqa: F401  (its submodules are then in sys.modules)
+  from jaxdefense.attacks import common  # Every attack's loop asks common.loop_unroll.
   with pytest.MonkeyPatch.context() as patch:
-    for name in ("pgd", "apgd", "fab"):  # `attacks.pgd` is the function: by module name.
-      patch.setattr(sys.modules[f"jaxdefense.attacks.{name}"], "default_unroll",
-                    lambda steps: 1)
+    patch.setattr(common, "default_unroll", lambda steps: 1)
     yield

@@ -32,7 +32,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402  (after the device count is set)
 import optax  # noqa: E402
 
-from jaxdefense import attacks, defenses, models, objectives, parallel, train  # noqa: E402
+from jaxdefense import attacks, build, defenses, models, objectives, parallel, steps  # noqa: E402
 
 
 def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
@@ -40,11 +40,11 @@ def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
   defense = defenses.DefenseConfig(name=defense_name)
   model = models.create("wide_resnet", num_classes=4, defense=defense, depth=10, width=1)
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-  state = parallel.replicate(mesh, train.create_train_state(model, tx, jax.random.key(0),
+  state = parallel.replicate(mesh, build.create_train_state(model, tx, jax.random.key(0),
                                                             (8, 8, 1), ema=True))
   objective = objectives.make(objective_name, model, defense,
                               objectives.AttackConfig(eps=0.1, step_size=0.03, steps=3))
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
                                    schedule=optax.constant_schedule(0.1),
                                    augment=lambda key, x: x.astype(np.float32) / 255,
                                    ema_decay=0.9), donate_argnums=0)
@@ -62,9 +62,9 @@ def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
   return flat
 
 
-AUTOATTACK_BUDGET = {"apgd-ce": {"steps": 10, "unroll": 1},
-                     "apgd-t": {"steps": 5, "n_target": 2, "unroll": 1},
-                     "fab-t": {"steps": 5, "n_target": 2, "unroll": 1},
+AUTOATTACK_BUDGET = {"apgd_ce": {"steps": 10, "unroll": 1},
+                     "apgd_t": {"steps": 5, "n_target": 2, "unroll": 1},
+                     "fab_t": {"steps": 5, "n_target": 2, "unroll": 1},
                      "square": {"queries": 100}}
 
 

@@ -1,4 +1,4 @@
-"""APGD (Croce & Hein 2020) against METHOD.md section 6 and the reference's rules: DLR and
+"""APGD (Croce & Hein 2020) against docs/method.md section 6 and the reference's rules: DLR and
 targeted DLR against NumPy, the checkpoint schedule, both step-size conditions on hand-made
 loss histories, the EOT gradient average, masked runs equal subset runs, and APGD-CE,
 APGD-DLR and APGD-T on a naturally trained digits MLP (inside the ball, accuracy far below
@@ -12,7 +12,8 @@ import pytest
 
 from tests.attack_models import MLP, accuracy, linf_distance, train_mlp
 from jaxdefense.attacks import apgd, apgd_checkpoints, apgd_targeted, losses, step_size_halving
-from jaxdefense.attacks.apgd import _loss_and_grad, make_forward, target_classes
+from jaxdefense.attacks.auto_pgd import _loss_and_grad
+from jaxdefense.attacks.common import make_forward, target_classes
 from jaxdefense.models.common import ModelOutput
 
 EPS = 0.1

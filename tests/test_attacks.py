@@ -12,7 +12,7 @@ import pytest
 
 from jaxdefense import attacks, defenses
 from jaxdefense.attacks import losses
-from jaxdefense.attacks.pgd import accurate_l2_norm
+from jaxdefense.attacks.common import accurate_l2_norm
 from jaxdefense.defenses import cas, fsr
 from jaxdefense.models import ModelOutput, common
 from tests import attack_models

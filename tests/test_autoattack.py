@@ -1,10 +1,9 @@
-"""FAB-T, Square and AutoAttack (METHOD.md section 6): FAB's hyperplane projection against
+"""FAB-T, Square and AutoAttack (docs/method.md section 6): FAB's hyperplane projection against
 a linear program, Square's p schedule, each attack and the standard and rand versions on a
 naturally trained digits MLP (pointwise worst case, never above any component or natural
 accuracy, inside the ball), a gradient-masked model that Square still breaks, masked
 execution equal to the reference's run-on-the-subset loop, and the input errors."""
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +14,17 @@ from scipy.optimize import linprog
 from tests.attack_models import accuracy, linf_distance, train_mlp
 from jaxdefense import attacks
 from jaxdefense.attacks import apgd, apgd_targeted, autoattack, fab_targeted, square
-from jaxdefense.attacks.autoattack import version_attacks, version_options
+from jaxdefense.attacks import square_attack
+from jaxdefense.attacks.auto_attack import check_options, version_attacks, version_options
 from jaxdefense.attacks.fab import project_l2_hyperplane, project_linf_hyperplane
-from jaxdefense.attacks.square import p_selection, square_sizes
+from jaxdefense.attacks.square_attack import p_selection, square_sizes
 from jaxdefense.models.common import ModelOutput
 
 EPS = 0.1
 SQUARE_EPS = 0.2   # Square's 300 queries need a larger ball than the gradient attacks here.
-SMALL = {"apgd-ce": {"steps": 15, "unroll": 1}, "apgd-dlr": {"steps": 15, "unroll": 1},
-         "apgd-t": {"steps": 10, "n_target": 2, "unroll": 1},
-         "fab-t": {"steps": 10, "n_target": 2, "unroll": 1}, "square": {"queries": 300}}
+SMALL = {"apgd_ce": {"steps": 15, "unroll": 1}, "apgd_dlr": {"steps": 15, "unroll": 1},
+         "apgd_t": {"steps": 10, "n_target": 2, "unroll": 1},
+         "fab_t": {"steps": 10, "n_target": 2, "unroll": 1}, "square": {"queries": 300}}
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +205,12 @@ def test_square_l2_eta_is_the_references_pseudo_gaussian():
   centre and ring 1 (1/4) over all three columns; the lower half (2 x 3, centre (1, 1))
   ring 0 at (1, 1) and ring 1 over both rows; each half unit norm, the lower negated, the
   whole unit norm. The L2 window sides are odd, at least 3."""
-  sq = importlib.import_module("jaxdefense.attacks.square")
   top = np.array([[0.25, 1.25, 0.25]])
   bottom = np.array([[0.25, 0.25, 0.25], [0.25, 1.25, 0.25]])
   expected = np.vstack([top / np.linalg.norm(top), -bottom / np.linalg.norm(bottom)])
-  np.testing.assert_allclose(sq.eta(3), expected / np.linalg.norm(expected), atol=1e-12)
-  sizes = sq.square_sizes_l2(32, 32, 5000)
+  np.testing.assert_allclose(square_attack.eta(3), expected / np.linalg.norm(expected),
+                             atol=1e-12)
+  sizes = square_attack.square_sizes_l2(32, 32, 5000)
   assert sizes[0] == 29 and sizes.min() == 3 and np.all(sizes % 2 == 1)
 
 
@@ -251,7 +251,7 @@ def test_gradient_masked_model_is_not_reported_robust(trained):
   key = jax.random.key(2)
   result = autoattack(masked, x, y, key, eps=SQUARE_EPS, options=SMALL)
   # The gradient attacks (run first) fail; Square, after them, breaks the model.
-  assert float(jnp.mean(result.robust_after["fab-t"])) > natural - 0.2
+  assert float(jnp.mean(result.robust_after["fab_t"])) > natural - 0.2
   assert float(result.robust_accuracy()) < natural - 0.4
 
 
@@ -276,7 +276,7 @@ def test_masked_and_gathered_execution_equal_running_on_the_subset(trained):
   # The reference's loop: each attack on the points still robust, gathered.
   robust = np.array(jnp.argmax(model_fn(x).logits, -1) == y)
   x_adv = np.array(x)
-  by_name = {"apgd-ce": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted, "square": square}
+  by_name = {"apgd_ce": apgd, "apgd_t": apgd_targeted, "fab_t": fab_targeted, "square": square}
   for j, name in enumerate(version_attacks("standard")):
     subset = np.flatnonzero(robust)
     options = {**version_options("standard")[name], **SMALL[name]}
@@ -298,10 +298,10 @@ def test_rand_version_with_eot(trained):
 
   def randomised(v, key):
     return model_fn(jnp.clip(v + 0.02 * jax.random.normal(key, v.shape), 0, 1))
-  assert version_attacks("rand") == ("apgd-ce", "apgd-dlr")
-  assert version_options("rand")["apgd-ce"]["eot_samples"] == 20
-  options = {"apgd-ce": {"steps": 10, "eot_samples": 3, "unroll": 1},
-             "apgd-dlr": {"steps": 10, "eot_samples": 3, "unroll": 1}}
+  assert version_attacks("rand") == ("apgd_ce", "apgd_dlr")
+  assert version_options("rand")["apgd_ce"]["eot_samples"] == 20
+  options = {"apgd_ce": {"steps": 10, "eot_samples": 3, "unroll": 1},
+             "apgd_dlr": {"steps": 10, "eot_samples": 3, "unroll": 1}}
   result = jax.jit(lambda x, y, k: autoattack(randomised, x, y, k, eps=EPS, version="rand",
                                               options=options))(x, y, jax.random.key(4))
   assert float(result.robust_accuracy()) < float(result.accuracy()) - 0.4
@@ -313,10 +313,10 @@ def test_bad_input_raises(trained):
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="'plus'.*standard, rand"):
     autoattack(model_fn, x, y, key, eps=EPS, version="plus")
-  with pytest.raises(ValueError, match="'fab'.*apgd-ce"):
+  with pytest.raises(ValueError, match="'fab'.*apgd_ce"):
     autoattack(model_fn, x, y, key, eps=EPS, attacks=("fab",))
-  with pytest.raises(ValueError, match="'iterations' for apgd-t.*steps"):
-    autoattack(model_fn, x, y, key, eps=EPS, options={"apgd-t": {"iterations": 5}})
+  with pytest.raises(ValueError, match="'iterations' for apgd_t.*steps"):
+    autoattack(model_fn, x, y, key, eps=EPS, options={"apgd_t": {"iterations": 5}})
   with pytest.raises(ValueError, match="'l1'"):
     autoattack(model_fn, x, y, key, eps=EPS, norm="l1")
   with pytest.raises(ValueError, match="eps must be >= 0"):
@@ -328,3 +328,21 @@ def test_bad_input_raises(trained):
   with pytest.raises(ValueError, match="rank 4"):
     square(lambda v: ModelOutput(v @ jnp.ones((64, 10)), {}), x.reshape(48, 64), y, key,
            eps=EPS)
+
+
+def test_check_options_refuses_what_the_attacks_would_before_running():
+  """The config's checks (names in the config's spelling, budgets, targets against the
+  number of classes) without a model; the rand version does not run APGD-T."""
+  assert check_options("standard", "l2", SMALL, 10) == (version_attacks("standard"), {
+      name: {**version_options("standard")[name], **SMALL[name]} for name in SMALL})
+  assert check_options("rand", "linf", None, 3)[0] == ("apgd_ce", "apgd_dlr")
+  for options, classes, message in (
+      ({"apgd_ce": {"steps": 0}}, None, r"apgd_ce\.steps must be an integer >= 1, got 0"),
+      ({"square": {"queries": 0}}, None, r"square\.queries must be an integer >= 1"),
+      ({"square": {"p_init": 1.5}}, None, r"square\.p_init must lie in \(0, 1\], got 1.5"),
+      ({"fab_t": {"restarts": -1}}, None, r"fab_t\.restarts must be an integer >= 0"),
+      ({"apgd_t": {"n_target": 10}}, 10, r"apgd_t: n_target=10 .* allowed: 1..9"),
+      (None, 3, r"apgd_t: the targeted DLR loss needs >= 4 classes, got 3"),
+      ({"apgd-ce": {"steps": 5}}, None, r"'apgd-ce'; allowed: apgd_ce, apgd_dlr")):
+    with pytest.raises(ValueError, match=message):
+      check_options("standard", "linf", options, classes)

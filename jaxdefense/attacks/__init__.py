@@ -1,4 +1,10 @@
-"""Attacks on models as deployed (eval mode, gradients through the defense's masks)."""
+"""Attacks on models as deployed (eval mode, gradients through the defense's masks).
+
+Modules: `projected_gradient` (FGSM, PGD, uniform start, EOT gradient), `auto_pgd` (APGD,
+APGD-T), `fab` (FAB-T), `square_attack` (Square), `auto_attack` (AutoAttack), `losses`,
+and `common` (what they share: norms, the eps-ball projection, checks, per-example keys,
+runs on the robust points). Use the functions through this package: `attacks.pgd(...)`.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,7 +13,12 @@ from typing import Any, Callable
 import jax
 
 from jaxdefense.attacks import losses
-from jaxdefense.attacks.pgd import ModelFn, fgsm, input_gradient, pgd, project, uniform_start
+from jaxdefense.attacks.auto_attack import AutoAttackResult, autoattack
+from jaxdefense.attacks.auto_pgd import apgd, apgd_checkpoints, apgd_targeted, step_size_halving
+from jaxdefense.attacks.common import ModelFn, project
+from jaxdefense.attacks.fab import fab_targeted
+from jaxdefense.attacks.projected_gradient import fgsm, input_gradient, pgd, uniform_start
+from jaxdefense.attacks.square_attack import square
 
 
 def deployed(model: Any, variables: Any) -> ModelFn:
@@ -64,13 +75,6 @@ def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..
   return run
 
 
-__all__ = ["ModelFn", "PassCounter", "deployed", "fgsm", "input_gradient", "losses", "make", "pgd", "project",
-           "uniform_start"]
-
-from jaxdefense.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted, step_size_halving
-from jaxdefense.attacks.autoattack import AutoAttackResult, autoattack
-from jaxdefense.attacks.fab import fab_targeted
-from jaxdefense.attacks.square import square
-
-__all__ += ["AutoAttackResult", "apgd", "apgd_checkpoints", "apgd_targeted", "autoattack",
-            "fab_targeted", "square", "step_size_halving"]
+__all__ = ["AutoAttackResult", "ModelFn", "PassCounter", "apgd", "apgd_checkpoints",
+           "apgd_targeted", "autoattack", "deployed", "fab_targeted", "fgsm", "input_gradient",
+           "losses", "make", "pgd", "project", "square", "step_size_halving", "uniform_start"]

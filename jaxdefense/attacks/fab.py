@@ -12,7 +12,7 @@ combination
 and a point that became adversarial is kept if closer to x than the best so far and pulled
 back towards x: x_{k+1} <- x + beta (x_{k+1} - x). Targets are the 2nd..(n_target+1)th most
 likely clean classes; a point counts as fooled when its closest adversarial point lies in
-the eps-ball. Masked execution and per-example keys as in `apgd`.
+the eps-ball. Masked execution and per-example keys as in `auto_pgd.apgd`.
 """
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdefense.attacks.apgd import (
-    check_eps, check_n_target, check_norm, check_positive, example_keys, make_forward, num_classes,
-    per_point, predicts, random_start, run_on_robust, target_classes)
-from jaxdefense.attacks.pgd import ModelFn, default_unroll, project
-
-NORMS = ("linf", "l2")
+from jaxdefense.attacks.common import (
+    ModelFn, check_eps, check_n_target, check_norm, check_positive, check_restarts, example_keys,
+    loop_unroll, make_forward, num_classes, per_example_norm, per_point, predicts, project,
+    random_start, run_on_robust, target_classes)
 
 
 def _take(v: jax.Array, index: jax.Array) -> jax.Array:
@@ -40,8 +37,9 @@ def _bisect(decreasing: Callable[[jax.Array], jax.Array], target: jax.Array, lo:
   non-increasing f given f(lo) >= target > f(hi) (a row given lo = hi is left as it is):
   bisection until the midpoint is lo or hi
   (at most ~280 halvings cover every float32 in [0, 1]; the loop stops when all rows are
-  done). No sort: XLA's CPU sort of a (2N, 784) array costs more than the model's forward
-  pass, the bisection's O(D) sums a small fraction of it."""
+  done). No sort: on the CPU, XLA's sort of the (2N, D) rows costs more than the model's
+  forward pass, the bisection's O(D) sums a fraction of it (measured: benchmarks/RESULTS.md,
+  'AutoAttack, quiet machine')."""
   def cond(s):
     lo, hi = s
     mid = (lo + hi) / 2
@@ -126,13 +124,6 @@ def project_l2_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array
 PROJECTIONS = {"linf": project_linf_hyperplane, "l2": project_l2_hyperplane}
 
 
-def _distance(v: jax.Array, norm: str) -> jax.Array:
-  """Per row of (M, D): ||v||_inf or ||v||_2."""
-  if norm == "linf":
-    return jnp.max(jnp.abs(v), axis=1)
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=1))
-
-
 def _fab_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, targets: jax.Array,
              x_start: jax.Array, *, steps: int, alpha_max: float, eta: float, beta: float,
              unroll: int, norm: str = "linf") -> tuple[jax.Array, jax.Array]:
@@ -152,13 +143,13 @@ def _fab_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, targets: jax.Ar
     b = -df + jnp.sum(w * x1.reshape(n, -1), axis=1)
     d3 = project_hyperplane(jnp.concatenate([x1.reshape(n, -1), x0]),
                             jnp.concatenate([w, w]), jnp.concatenate([b, b]))
-    a0 = jnp.maximum(_distance(d3, norm), 1e-8)
+    a0 = jnp.maximum(per_example_norm(d3, norm, keepdims=False), 1e-8)
     a1, a2 = a0[:n], a0[n:]
     alpha = per_point(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x.ndim)
     d1, d2 = d3[:n].reshape(x.shape), d3[n:].reshape(x.shape)
     x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + eta * d2) * alpha, 0.0, 1.0)
     is_adv = ~predicts(model_fn(x1).logits, labels)
-    dist = _distance((x1 - x).reshape(n, -1), norm)
+    dist = per_example_norm((x1 - x).reshape(n, -1), norm, keepdims=False)
     closer = is_adv & (dist < dist_best)
     adv = jnp.where(per_point(closer, x.ndim), x1, adv)
     dist_best = jnp.where(closer, dist, dist_best)
@@ -179,17 +170,16 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
 
   Each of the n_target targets gets `restarts` runs on the points not yet fooled; restarts
   after the first start from x + eps/2 t / ||t||, t ~ U[-1, 1] (L-inf) or N(0, I) (L2);
-  `chunks`: those points gathered, see `apgd.run_on_robust`."""
+  `chunks`: those points gathered, see `common.run_on_robust`."""
   check_eps(eps)
-  check_norm(norm, NORMS, "fab_targeted")
+  check_norm(norm, attack="fab_targeted")
   check_positive("steps", steps)
-  if not isinstance(restarts, (int, np.integer)) or restarts < 0:
-    raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
+  check_restarts(restarts)
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, False)
   check_n_target(n_target, num_classes(forward, x, None), "fab_targeted")
   keys, _ = example_keys(key, x.shape[0], None, False)
-  unroll = default_unroll(steps) if unroll is None else unroll
+  unroll = loop_unroll(steps, unroll)
 
   def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del run_model_key, attacked
@@ -199,7 +189,7 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
                          alpha_max=alpha_max, eta=eta, beta=beta, unroll=unroll, norm=norm)
     adv = jnp.where(per_point(dist < 1e10, x.ndim), adv, x)
     still_correct = predicts(model_fn(adv).logits, labels) | \
-        (_distance((adv - x).reshape(x.shape[0], -1), norm) > eps)
+        (per_example_norm((adv - x).reshape(x.shape[0], -1), norm, keepdims=False) > eps)
     return project(adv, x, eps, norm), still_correct
   return run_on_robust(forward, x, labels, keys, None, active, n_target * restarts, run_fn,
                        chunks)

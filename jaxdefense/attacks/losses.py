@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdefense import defenses
+from jaxdefense.defenses import outputs
 from jaxdefense.models.common import ModelOutput
 
 LossFn = Callable[[ModelOutput, jax.Array], jax.Array]
@@ -83,18 +84,36 @@ def defense_loss(defense: defenses.DefenseConfig) -> LossFn:
   return loss
 
 
-HEADS = ("cas/", "cifs/")  # Auxiliary outputs that are class predictions.
-
-
 def with_aux_heads(base: LossFn, beta: float) -> LossFn:
   """`base` on the main logits + beta x the mean of `base` on each CAS head's or CIFS
   probe's logits (the joint attack loss of the CAS evaluation, Bai et al.'s
   pgd_attack_cifar10_cas.py, and of CIFS's, CIFAR10_Res18_CIFS_test.py); `base` alone for a
   model without such heads."""
   def loss(output: ModelOutput, labels: jax.Array) -> jax.Array:
-    heads = [v for k, v in sorted(output.aux.items()) if k.startswith(HEADS)]
+    heads = outputs.class_heads(output.aux)
     total = base(output, labels)
     if heads:
       total = total + beta * sum(base(ModelOutput(h, {}), labels) for h in heads) / len(heads)
     return total
   return loss
+
+
+# What an attack maximises, as `objective.attack.loss` and `eval_pgd.loss` choose it.
+ATTACK_LOSSES = ("auto", "ce", "defense")
+
+
+def attacks_defense_loss(choice: str, defense: str) -> bool:
+  """Whether an attack with loss `choice` maximises the defense's own loss: "defense"
+  always, "ce" never, "auto" for CAS and CIFS (their authors attack their joint loss, and
+  CAS's eval-mode mask, chosen by its own head, blunts the main CE's gradient) but not for
+  FSR (its own loss is the weaker attack on it) or an undefended model."""
+  if choice not in ATTACK_LOSSES:
+    raise ValueError(f"unknown attack loss {choice!r}; allowed: {', '.join(ATTACK_LOSSES)}")
+  return choice == "defense" or (choice == "auto" and defense in defenses.LABELLED)
+
+
+def attack_loss(choice: str, defense: defenses.DefenseConfig) -> LossFn:
+  """The loss an attack with loss `choice` maximises (`attacks_defense_loss`)."""
+  if attacks_defense_loss(choice, defense.name):
+    return defense_loss(defense)
+  return cross_entropy

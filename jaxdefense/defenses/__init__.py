@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdefense.defenses import cas, cifs, fsr
+from jaxdefense.defenses import cas, cifs, fsr, outputs
 
 NAMES = ("none", "cas", "fsr", "cifs")
 LABELLED = ("cas", "cifs")  # Defenses whose training-mode mask uses the label.
@@ -23,7 +23,7 @@ LABELLED = ("cas", "cifs")  # Defenses whose training-mode mask uses the label.
 
 @dataclasses.dataclass(frozen=True)
 class DefenseConfig:
-  """Which defense, where, and its hyper-parameters (METHOD.md sections 1-2, CIFS.md).
+  """Which defense, where, and its hyper-parameters (docs/method.md sections 1-2, docs/cifs.md).
 
   `sites` are insertion-point names or glob patterns (`"layer4.*"`); None means the
   authors' placement for the host backbone.
@@ -133,25 +133,25 @@ class Hooks:
     return x
 
   def _defend(self, site: str, x: jax.Array) -> jax.Array:
-    name = site.replace(".", "_")
+    name = outputs.module_name(self.defense.name, site)
     if self.defense.name == "cas":
       x, logits = cas.CAS(self.num_classes, inits=self.inits, dtype=self.dtype,
-                          name=f"cas_{name}")(x, self.labels, train=self.train)
-      self.aux[f"cas/{site}"] = logits
+                          name=name)(x, self.labels, train=self.train)
+      self.aux[outputs.aux_key("cas", site)] = logits
     elif self.defense.name == "cifs":
       probe = "linear" if site in self.linear_sites else "nonlinear"
       x, logits = cifs.CIFS(self.num_classes, inits=self.inits, probe=probe,
                             hidden=self.cifs_hidden, mask_scale=self.defense.mask_scale,
                             mask_stop_gradient=self.defense.mask_stop_gradient,
-                            dtype=self.dtype, name=f"cifs_{name}")(x, self.labels,
+                            dtype=self.dtype, name=name)(x, self.labels,
                                                                    train=self.train)
-      self.aux[f"cifs/{site}"] = logits
+      self.aux[outputs.aux_key("cifs", site)] = logits
     else:
       x, parts = fsr.FSR(self.num_classes, tau=self.defense.tau, hidden=self.defense.hidden,
-                         inits=self.inits, dtype=self.dtype, name=f"fsr_{name}")(
+                         inits=self.inits, dtype=self.dtype, name=name)(
                              x, train=self.train, stochastic=self.stochastic_mask)
       for part, logits in parts.items():
-        self.aux[f"fsr/{site}/{part}"] = logits
+        self.aux[outputs.aux_key("fsr", site, part)] = logits
     return x
 
 

@@ -1,4 +1,4 @@
-"""CAS: Channel-wise Activation Suppressing (Bai et al., ICLR 2021), METHOD.md section 1."""
+"""CAS: Channel-wise Activation Suppressing (Bai et al., ICLR 2021), docs/method.md section 1."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxdefense.defenses import outputs
 
 
 class CAS(nn.Module):
@@ -37,7 +39,7 @@ class CAS(nn.Module):
 def aux_loss(aux: dict[str, jax.Array], labels: jax.Array, *, beta: float):
   """beta * mean_k CE(a_k, y) over the CAS modules k, per example."""
   ces = [optax.softmax_cross_entropy_with_integer_labels(v.astype(jnp.float32), labels)
-         for k, v in sorted(aux.items()) if k.startswith("cas/")]
+         for v in outputs.of(aux, "cas")]
   if not ces:
     raise ValueError("defense 'cas' is configured but the model produced no CAS outputs")
   ce = sum(ces) / len(ces)

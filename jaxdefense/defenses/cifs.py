@@ -1,4 +1,4 @@
-"""CIFS: Channel-wise Importance-based Feature Selection (Yan et al., ICML 2021), CIFS.md.
+"""CIFS: Channel-wise Importance-based Feature Selection (Yan et al., ICML 2021), docs/cifs.md.
 
 Written from the authors' code (github HanshuYAN/CIFS, models/nets/resnet_CIFS.py and
 CIFAR10_Res18_CIFS.py), which the spec cites line by line.
@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxdefense.defenses import outputs
 
 PROBES = ("linear", "nonlinear")
 SOFTPLUS_BETA = 5.0
@@ -28,7 +30,7 @@ def select_classes(probe_logits: jax.Array, labels: jax.Array | None, train: boo
   """The classes (N, topk) whose probe logits define each example's relevance: in training
   the label and the probe's second-ranked class (the label counted twice when it is
   ranked second; the probe's top class unused when the label is not), in eval the probe's
-  top two (CIFS.md section 2, step 2). No gradient."""
+  top two (docs/cifs.md section 2, step 2). No gradient."""
   ranked = jax.lax.top_k(jax.lax.stop_gradient(probe_logits), topk)[1]
   if train:
     return jnp.concatenate([labels[:, None].astype(ranked.dtype), ranked[:, 1:]], axis=1)
@@ -97,7 +99,7 @@ def aux_loss(logits: jax.Array, aux: dict[str, jax.Array], labels: jax.Array, *,
   s (CE(main) + beta mean_l CE(p_l)) - CE(main), per example; = beta mean_l CE(p_l) at
   the authors' beta = 2."""
   ces = [optax.softmax_cross_entropy_with_integer_labels(v.astype(jnp.float32), labels)
-         for k, v in sorted(aux.items()) if k.startswith("cifs/")]
+         for v in outputs.of(aux, "cifs")]
   if not ces:
     raise ValueError("defense 'cifs' is configured but the model produced no CIFS outputs")
   probe_ce = sum(ces) / len(ces)

@@ -1,4 +1,4 @@
-"""FSR: Feature Separation and Recalibration (Kim et al., CVPR 2023), METHOD.md section 2."""
+"""FSR: Feature Separation and Recalibration (Kim et al., CVPR 2023), docs/method.md section 2."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from jaxdefense import conv
+from jaxdefense.defenses import outputs
 
 EPS = 1e-8  # The authors' constant inside every log and beside tau.
 PARTS = ("robust", "non_robust", "recalibrated")
 
 
 def gumbel_sigmoid(scores: jax.Array, tau: float, key: jax.Array | None) -> jax.Array:
-  """Soft robustness mask m from per-activation scores r (METHOD.md eq. of section 2.2).
+  """Soft robustness mask m from per-activation scores r (docs/method.md section 2.2).
 
   p = sigmoid(r); l1 = log(p + e) + G1; l2 = log(1 - p + e) + G2; G = -log(-log(U + e) + e);
   m = softmax([l1, l2] / tau)[0] = sigmoid((l1 - l2) / tau), the stable form, with the logs
@@ -97,12 +98,12 @@ def aux_loss(logits: jax.Array, aux: dict[str, jax.Array], labels: jax.Array, *,
              lam_sep: float, lam_rec: float):
   """lam_sep (CE(h(f_r), y) + CE(h(f_nr), y_wrong)) + lam_rec CE(h(f_rec), y), per example,
   averaged over the FSR modules (as the authors' training loop does)."""
-  sites = sorted({k.split("/")[1] for k in aux if k.startswith("fsr/")})
+  sites = outputs.fsr_sites(aux)
   if not sites:
     raise ValueError("defense 'fsr' is configured but the model produced no FSR outputs")
   y_wrong = most_likely_wrong(logits, labels)
   ce = lambda site, part, y: optax.softmax_cross_entropy_with_integer_labels(
-      aux[f"fsr/{site}/{part}"].astype(jnp.float32), y)
+      aux[outputs.aux_key("fsr", site, part)].astype(jnp.float32), y)
   robust = sum(ce(s, "robust", labels) for s in sites) / len(sites)
   non_robust = sum(ce(s, "non_robust", y_wrong) for s in sites) / len(sites)
   recal = sum(ce(s, "recalibrated", labels) for s in sites) / len(sites)

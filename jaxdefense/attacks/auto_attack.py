@@ -20,48 +20,54 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxdefense.attacks.apgd import (
-    NORMS as APGD_NORMS, StochasticModelFn, apgd, apgd_targeted, check_eps, example_keys, fold,
-    fold_model, make_forward, per_point, predicts)
-from jaxdefense.attacks.fab import NORMS as FAB_NORMS, fab_targeted
-from jaxdefense.attacks.pgd import ModelFn
-from jaxdefense.attacks.square import NORMS as SQUARE_NORMS, square
+from jaxdefense.attacks.auto_pgd import apgd, apgd_targeted
+from jaxdefense.attacks.common import (
+    ModelFn, StochasticModelFn, check_eps, check_integer, check_n_target, check_norm,
+    check_positive, check_unit_interval, example_keys, fold, fold_model, make_forward, per_point,
+    predicts)
+from jaxdefense.attacks.fab import fab_targeted
+from jaxdefense.attacks.square_attack import square
 
 VERSIONS = ("standard", "rand")
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-NORMS = {"apgd-ce": APGD_NORMS, "apgd-dlr": APGD_NORMS, "apgd-t": APGD_NORMS,
-         "fab-t": FAB_NORMS, "square": SQUARE_NORMS}
+# The attacks' names, spelled as in the config (`eval.autoattack_options`); each supports
+# every norm of `common.NORMS`.
+ATTACKS = ("apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "square")
 OPTIONS = {
-    "apgd-ce": ("steps", "restarts", "rho", "eot_samples", "unroll"),
-    "apgd-dlr": ("steps", "restarts", "rho", "eot_samples", "unroll"),
-    "apgd-t": ("steps", "restarts", "n_target", "rho", "eot_samples", "unroll"),
-    "fab-t": ("steps", "restarts", "n_target", "alpha_max", "eta", "beta", "unroll"),
+    "apgd_ce": ("steps", "restarts", "rho", "eot_samples", "unroll"),
+    "apgd_dlr": ("steps", "restarts", "rho", "eot_samples", "unroll"),
+    "apgd_t": ("steps", "restarts", "n_target", "rho", "eot_samples", "unroll"),
+    "fab_t": ("steps", "restarts", "n_target", "alpha_max", "eta", "beta", "unroll"),
     "square": ("queries", "restarts", "p_init", "rescale_schedule"),
 }
-DETERMINISTIC_ONLY = ("fab-t", "square")
+DETERMINISTIC_ONLY = ("fab_t", "square")
+# The rules the attacks apply to their options when called, for `check_options`.
+_OPTION_RULES: dict[str, Callable[[str, Any], None]] = {
+    "steps": check_positive, "queries": check_positive, "eot_samples": check_positive,
+    "n_target": check_positive, "restarts": lambda name, value: check_integer(name, value, 0),
+    "rho": check_unit_interval, "p_init": check_unit_interval}
 
 
 def version_attacks(version: str) -> tuple[str, ...]:
   """The attacks a version runs, in order."""
   _check_version(version)
   if version == "standard":
-    return ("apgd-ce", "apgd-t", "fab-t", "square")
-  return ("apgd-ce", "apgd-dlr")
+    return ("apgd_ce", "apgd_t", "fab_t", "square")
+  return ("apgd_ce", "apgd_dlr")
 
 
 def version_options(version: str) -> dict[str, dict[str, Any]]:
   """Each attack's budget in a version (the reference's `set_version`)."""
   _check_version(version)
   options = {
-      "apgd-ce": {"steps": 100, "restarts": 1},
-      "apgd-dlr": {"steps": 100, "restarts": 1},
-      "apgd-t": {"steps": 100, "restarts": 1, "n_target": 9},
-      "fab-t": {"steps": 100, "restarts": 1, "n_target": 9},
+      "apgd_ce": {"steps": 100, "restarts": 1},
+      "apgd_dlr": {"steps": 100, "restarts": 1},
+      "apgd_t": {"steps": 100, "restarts": 1, "n_target": 9},
+      "fab_t": {"steps": 100, "restarts": 1, "n_target": 9},
       "square": {"queries": 5000, "restarts": 1, "p_init": 0.8},
   }
   if version == "rand":
-    options["apgd-ce"]["eot_samples"] = 20
-    options["apgd-dlr"]["eot_samples"] = 20
+    options["apgd_ce"]["eot_samples"] = 20
+    options["apgd_dlr"]["eot_samples"] = 20
   return options
 
 
@@ -90,25 +96,23 @@ class AutoAttackResult:
 
 
 def _attack_fn(name: str) -> Callable[..., jax.Array]:
-  if name in ("apgd-ce", "apgd-dlr"):
-    loss = "ce" if name == "apgd-ce" else "dlr"
+  if name in ("apgd_ce", "apgd_dlr"):
+    loss = "ce" if name == "apgd_ce" else "dlr"
     return lambda *args, **kwargs: apgd(*args, loss=loss, **kwargs)
-  return {"apgd-t": apgd_targeted, "fab-t": fab_targeted,
-          "square": square}[name]
+  return {"apgd_t": apgd_targeted, "fab_t": fab_targeted, "square": square}[name]
 
 
-def _resolve(version: str, norm: str, attacks: Sequence[str] | None,
+def _resolve(version: str, attacks: Sequence[str] | None,
              options: Mapping[str, Mapping[str, Any]] | None
              ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
   attacks = version_attacks(version) if attacks is None else tuple(attacks)
   for name in attacks:
     if name not in ATTACKS:
       raise ValueError(f"unknown attack {name!r}; allowed: {', '.join(ATTACKS)}")
-    if norm not in NORMS[name]:
-      raise ValueError(f"{name} supports norm {', '.join(NORMS[name])}; got {norm!r}")
     if version == "rand" and name in DETERMINISTIC_ONLY:
+      allowed = [a for a in ATTACKS if a not in DETERMINISTIC_ONLY]
       raise ValueError(f"{name} needs a deterministic model; the rand version allows "
-                       f"apgd-ce, apgd-dlr, apgd-t")
+                       f"{', '.join(allowed)}")
   if len(set(attacks)) != len(attacks):
     raise ValueError(f"each attack may appear once, got {list(attacks)}")
   resolved = version_options(version)
@@ -123,6 +127,34 @@ def _resolve(version: str, norm: str, attacks: Sequence[str] | None,
   return attacks, resolved
 
 
+def check_options(version: str, norm: str,
+                  options: Mapping[str, Mapping[str, Any]] | None = None,
+                  classes: int | None = None, attacks: Sequence[str] | None = None
+                  ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+  """Raises ValueError for what `autoattack` or its attacks would refuse, without running
+  anything: the version, the norm, attack and option names, the options' values (the
+  attacks' own rules: steps, queries, eot_samples, n_target integers >= 1, restarts >= 0,
+  rho and p_init in (0, 1]) and, given the number of classes K, what the attacks that run
+  need of it (APGD-DLR K >= 3, APGD-T K >= 4, n_target < K). Returns (the attacks to run,
+  every attack's resolved options)."""
+  _check_version(version)
+  check_norm(norm)
+  attacks, resolved = _resolve(version, attacks, options)
+  for name, values in resolved.items():
+    for option, value in values.items():
+      if option in _OPTION_RULES:
+        _OPTION_RULES[option](f"{name}.{option}", value)  # "apgd_ce.steps must be ..."
+  if classes is not None:
+    if "apgd_t" in attacks and classes < 4:
+      raise ValueError(f"apgd_t: the targeted DLR loss needs >= 4 classes, got {classes}")
+    if "apgd_dlr" in attacks and classes < 3:
+      raise ValueError(f"apgd_dlr: the DLR loss needs >= 3 classes, got {classes}")
+    for name in attacks:
+      if "n_target" in resolved[name]:
+        check_n_target(resolved[name]["n_target"], classes, name)
+  return attacks, resolved
+
+
 def autoattack(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
                key: jax.Array, *, eps, norm: str = "linf", version: str = "standard",
                attacks: Sequence[str] | None = None,
@@ -130,17 +162,15 @@ def autoattack(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.
                model_key: jax.Array | None = None, chunks: int = 1) -> AutoAttackResult:
   """Runs `attacks` (default: the version's) in order on the points still robust.
 
-  `options` overrides budgets per attack, e.g. `{"apgd-t": {"steps": 20, "n_target": 3},
+  `options` overrides budgets per attack, e.g. `{"apgd_t": {"steps": 20, "n_target": 3},
   "square": {"queries": 500}}` (allowed names: `OPTIONS`). `key` is one PRNG key or one per
   example; in the rand version, `model_key` (default: from `key`) drives the model's noise.
   `chunks` > 1: each attack (and each APGD-T / FAB-T target) runs on the points still
-  robust, gathered, in batches of ceil(N / chunks) (`apgd.run_on_robust`): the same
+  robust, gathered, in batches of ceil(N / chunks) (`common.run_on_robust`): the same
   result, with work that follows the robust points (the standard version only)."""
   _check_version(version)
   check_eps(eps)
-  if norm not in APGD_NORMS:
-    raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(APGD_NORMS)}")
-  attacks, resolved = _resolve(version, norm, attacks, options)
+  attacks, resolved = check_options(version, norm, options, attacks=attacks)
   stochastic = version == "rand"
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, stochastic)

@@ -12,10 +12,12 @@ a grid of (H // 5)-squares, each a "pseudo-Gaussian" eta (concentric rectangles 
 1 / (k + 1)^2, upper half positive, lower half negative, unit norm, transposed at random)
 times +-1 per channel. Each query moves one window's content (normalised, plus a fresh
 +-eta) to a random window, zeroes a second random window, and gives the moved window the
-mass the rest of delta leaves to eps (s from the p schedule, odd, at least 3). Masked execution and per-example
-keys as in `apgd`; unlike the reference, which draws one window position and one sign per
-channel for the whole batch at each query, every point draws its own (the same distribution
-per point, and a point's result then does not depend on its batch).
+mass the rest of delta leaves to eps (s from the p schedule, odd, at least 3).
+
+Masked execution and per-example keys as in `auto_pgd.apgd`; unlike the reference, which
+draws one window position and one sign per channel for the whole batch at each query, every
+point draws its own (the same distribution per point, and a point's result then does not
+depend on its batch).
 """
 from __future__ import annotations
 
@@ -26,13 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdefense.attacks.apgd import (
-    check_eps, check_norm, check_positive, example_keys, fold, make_forward, per_point, predicts,
-    run_on_robust)
 from jaxdefense.attacks import losses
-from jaxdefense.attacks.pgd import ModelFn, project
-
-NORMS = ("linf", "l2")
+from jaxdefense.attacks.common import (
+    ModelFn, check_eps, check_norm, check_positive, check_restarts, check_unit_interval,
+    example_keys, fold, make_forward, normalize, per_example_norm, per_point, predicts, project,
+    run_on_robust)
 
 
 def p_selection(p_init: float, it: int, queries: int, rescale_schedule: bool = False) -> float:
@@ -99,10 +99,6 @@ def _eta_table(sizes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, 
   return table, np.asarray([distinct.index(int(s)) for s in sizes], np.int32)
 
 
-def _l2(v: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2, 3), keepdims=True))
-
-
 def _window_norm(v: jax.Array) -> jax.Array:
   """Per example and channel, the L2 norm over (H, W)."""
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
@@ -136,7 +132,7 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
       block = jnp.where(_window(jnp.full(n, top), jnp.full(n, left), s0, height, width),
                         block, 0.0)
       delta = delta + block * _signs(fold(k, 1), (1, 1, channels))
-  x_best = jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+  x_best = jnp.clip(x + normalize(delta, "l2", guard="add") * eps, 0.0, 1.0)
   table, index = _eta_table(sizes, height, width)
   table, index, sizes = jnp.asarray(table), jnp.asarray(index), jnp.asarray(sizes)
 
@@ -149,7 +145,7 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
     window = _window(corners[:, 0], corners[:, 1], size, height, width)
     window2 = _window(corners[:, 2], corners[:, 3], size, height, width)
     delta = x_best - x
-    norm_image = _l2(delta)
+    norm_image = per_example_norm(delta, "l2")
     norm_window = _window_norm(jnp.where(window, delta, 0.0))
     norm_windows = _window_norm(jnp.where(window | window2, delta, 0.0))
     new = place(flipped(table[index[i]], fold(step_keys, 1)), corners[:, 0], corners[:, 1])
@@ -160,7 +156,7 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
                       + norm_windows ** 2)
     new = new / (1e-12 + _window_norm(new)) * budget
     delta = jnp.where(window, new, jnp.where(window2, 0.0, delta))
-    return jnp.clip(x + delta / (_l2(delta) + 1e-12) * eps, 0.0, 1.0)
+    return jnp.clip(x + normalize(delta, "l2", guard="add") * eps, 0.0, 1.0)
 
   return _search(model_fn, x_best, labels, attacked, queries, propose)
 
@@ -231,14 +227,12 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
            chunks: int = 1) -> jax.Array:
   """Square Attack (L-inf or L2, margin loss) on NHWC images: the adversarial points, x
   where not fooled. Each restart runs `queries` queries on the points not yet fooled
-  (`chunks`: gathered, see `apgd.run_on_robust`)."""
+  (`chunks`: gathered, see `common.run_on_robust`)."""
   check_eps(eps)
-  check_norm(norm, NORMS, "square")
+  check_norm(norm, attack="square")
   check_positive("queries", queries)
-  if not isinstance(restarts, (int, np.integer)) or restarts < 0:
-    raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
-  if not 0 < p_init <= 1:
-    raise ValueError(f"p_init must lie in (0, 1], got {p_init}")
+  check_restarts(restarts)
+  check_unit_interval("p_init", p_init)
   if x.ndim != 4:
     raise ValueError(f"square needs NHWC images of rank 4, got shape {tuple(x.shape)}")
   x = x.astype(jnp.float32)

@@ -15,111 +15,19 @@ running on the subset.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdefense.attacks import losses
-from jaxdefense.attacks.pgd import ModelFn, default_unroll, project
-from jaxdefense.models.common import ModelOutput
+from jaxdefense.attacks.common import (
+    Forward, ModelFn, StochasticModelFn, ascent_direction, check_eps, check_n_target,
+    check_norm, check_positive, check_restarts, check_unit_interval, example_keys, fold_model,
+    loop_unroll, make_forward, num_classes, per_point, predicts, project, random_start,
+    run_on_robust, target_classes)
 
-StochasticModelFn = Callable[[jax.Array, jax.Array], ModelOutput]
-Forward = Callable[[jax.Array, Union[jax.Array, None]], ModelOutput]
-NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75
-
-
-def check_eps(eps) -> None:
-  """Raises for a negative eps (checked where eps is concrete, i.e. not traced)."""
-  if not isinstance(eps, jax.core.Tracer) and np.any(np.asarray(eps) < 0):
-    raise ValueError(f"eps must be >= 0, got {eps}")
-
-
-def check_norm(norm: str, allowed: tuple[str, ...], attack: str) -> None:
-  if norm not in allowed:
-    raise ValueError(f"unknown norm {norm!r} for {attack}; allowed: {', '.join(allowed)}")
-
-
-def check_positive(name: str, value: int) -> None:
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def num_classes(forward: Forward, x: jax.Array, model_key: jax.Array | None) -> int:
-  """K, from the logits' shape (no computation)."""
-  return jax.eval_shape(forward, x, model_key).logits.shape[-1]
-
-
-def check_n_target(n_target: int, classes: int, attack: str) -> None:
-  check_positive("n_target", n_target)
-  if n_target >= classes:
-    raise ValueError(f"{attack}: n_target={n_target} needs n_target < num_classes={classes} "
-                     f"(targets are the 2nd..(n_target+1)th most likely classes); allowed: "
-                     f"1..{classes - 1}")
-
-
-def _is_single_key(key: jax.Array) -> bool:
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key.ndim == 0
-  return key.ndim == 1
-
-
-def example_keys(key: jax.Array, n: int, model_key: jax.Array | None, stochastic: bool):
-  """(one key per example, the key of the model's noise or None).
-
-  `key` is one PRNG key (split over the batch; the model key is folded from it too) or N
-  keys, one per example (a stochastic model then needs `model_key`).
-  """
-  if _is_single_key(key):
-    keys = jax.random.split(jax.random.fold_in(key, 0), n)
-    if stochastic and model_key is None:
-      model_key = jax.random.fold_in(key, 1)
-  else:
-    if key.shape[0] != n:
-      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {n}; pass one "
-                       f"key or exactly one key per example")
-    keys = key
-    if stochastic and model_key is None:
-      raise ValueError("a stochastic model with per-example keys needs model_key")
-  return keys, (model_key if stochastic else None)
-
-
-def fold(keys: jax.Array, data: int | jax.Array) -> jax.Array:
-  """Per-example keys folded with the same counter (a run, an iteration)."""
-  return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
-
-
-def fold_model(model_key: jax.Array | None, data: int | jax.Array) -> jax.Array | None:
-  return None if model_key is None else jax.random.fold_in(model_key, data)
-
-
-def make_forward(model_fn: ModelFn | StochasticModelFn, stochastic: bool) -> Forward:
-  """The model as `(x, key_or_None) -> ModelOutput`, deterministic models ignoring the key."""
-  if stochastic:
-    return lambda x, k: model_fn(x, k)
-  return lambda x, k: model_fn(x)
-
-
-def predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Whether argmax(logits) == label, per example."""
-  return jnp.argmax(logits, axis=-1) == labels
-
-
-def per_example_norm(v: jax.Array, norm: str) -> jax.Array:
-  """||v_i||_inf or ||v_i||_2, shaped to broadcast against v."""
-  axes = tuple(range(1, v.ndim))
-  if norm == "linf":
-    return jnp.max(jnp.abs(v), axis=axes, keepdims=True)
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
-
-
-def per_point(value: jax.Array, ndim: int) -> jax.Array:
-  """A per-example (N,) value shaped to broadcast against an (N, ...) array of rank ndim."""
-  return value.reshape(value.shape + (1,) * (ndim - 1))
 
 
 def apgd_checkpoints(steps: int) -> tuple[int, ...]:
@@ -170,22 +78,6 @@ def step_size_halving(loss_steps: jax.Array, i: int | jax.Array, k: int | jax.Ar
   return oscillating | stalled
 
 
-def _direction(grad: jax.Array, norm: str) -> jax.Array:
-  if norm == "linf":
-    return jnp.sign(grad)
-  return grad / (per_example_norm(grad, "l2") + 1e-12)
-
-
-def random_start(keys: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-  """x + eps t / ||t|| with t ~ U[-1, 1] (L-inf) or N(0, I) (L2), per example, in the ball."""
-  shape = x.shape[1:]
-  if norm == "linf":
-    t = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
-  else:
-    t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-  return project(x + eps * t / (per_example_norm(t, norm) + 1e-12), x, eps, norm)
-
-
 def _loss_and_grad(forward: Forward, loss_fn: losses.LossFn, labels: jax.Array,
                    eot_samples: int):
   """(x, model_key) -> (loss (N,), logits, d loss / d x averaged over the EOT samples).
@@ -234,7 +126,8 @@ def _single_run(evaluate, x: jax.Array, labels: jax.Array, x_start: jax.Array,
     x_adv = s["x_adv"]
     alpha = jnp.where(i > 0, MOMENTUM, 1.0)
     eta = per_point(s["step"], x.ndim)
-    z = project(x_adv + eta * _direction(s["grad"], norm), x, eps, norm)
+    z = project(x_adv + eta * ascent_direction(s["grad"], norm, guard="add"), x,
+                eps, norm)
     x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - s["x_old"]),
                     x, eps, norm)
     loss, logits, grad = evaluate(x_new, fold_model(model_key, i + 1))
@@ -264,73 +157,14 @@ def _single_run(evaluate, x: jax.Array, labels: jax.Array, x_start: jax.Array,
   return state["x_best_adv"], state["acc"]
 
 
-def run_on_robust(forward: Forward, x: jax.Array, labels: jax.Array, keys: jax.Array,
-                  model_key: jax.Array | None, active: jax.Array | None, runs: int,
-                  run_fn: Callable[..., tuple[jax.Array, jax.Array]],
-                  chunks: int = 1) -> jax.Array:
-  """The reference's `perturb`: `runs` runs, each on the points still correctly classified;
-  a point fooled by a run takes that run's adversarial point and is not run again.
-  `run_fn(run, keys, model_key, x, labels, attacked) -> (x_adv, still_correct)`.
-
-  `chunks` = 1: every run takes the whole batch, the points not attacked masked. `chunks`
-  = C > 1: the points still robust are gathered and attacked in batches of ceil(N / C), as
-  many as they need: the work follows the robust points, as the reference's (which
-  gathers them), in smaller batches. Each point's result is the same either way (per-point
-  keys and step sizes); a randomised model (`model_key`) draws its noise per batch, so it
-  is always run whole. (Choosing the whole batch by a `cond` when all C batches are needed
-  made both branches ~20% slower on the CPU.) Under a mesh the gathered batches are not
-  split over the devices (XLA replicates them): use C > 1 on one device."""
-  if runs == 0:
-    return x
-  check_positive("chunks", chunks)
-  acc = predicts(forward(x, fold_model(model_key, 0)).logits, labels)
-  if active is not None:
-    acc = acc & active
-  n = x.shape[0]
-  chunks = 1 if model_key is not None else min(chunks, n)
-
-  def whole(r, carry):
-    adv, acc = carry
-    adv_run, acc_run = run_fn(r, fold(keys, r), fold_model(model_key, r + 1), x, labels, acc)
-    fooled = acc & ~acc_run
-    return jnp.where(per_point(fooled, x.ndim), adv_run, adv), acc & ~fooled
-
-  size = -(-n // chunks)
-
-  def gathered(r, batches, carry):
-    order = jnp.concatenate([jnp.argsort(~carry[1], stable=True),  # The robust points first.
-                             jnp.full((size * chunks - n,), n, jnp.int32)])
-    run_keys = fold(keys, r)
-
-    def batch(j, carry):
-      adv, acc = carry
-      index = jax.lax.dynamic_slice(order, (j * size,), (size,))
-      valid, index = index < n, jnp.minimum(index, n - 1)
-      attacked = acc[index] & valid
-      adv_run, acc_run = run_fn(r, run_keys[index], None, x[index], labels[index], attacked)
-      into = jnp.where(attacked & ~acc_run, index, n)  # Only the fooled; n is dropped.
-      return adv.at[into].set(adv_run, mode="drop"), acc.at[into].set(False, mode="drop")
-    return jax.lax.fori_loop(0, batches, batch, carry)
-
-  def run(r, carry):
-    if chunks == 1:
-      return jax.lax.cond(jnp.any(carry[1]), functools.partial(whole, r), lambda c: c, carry)
-    return gathered(r, (jnp.sum(carry[1]) + size - 1) // size, carry)
-
-  adv, _ = jax.lax.fori_loop(0, runs, run, (x, acc))
-  return adv
-
-
 def _check_common(eps, norm: str, steps: int, restarts: int, rho: float, eot_samples: int,
                   attack: str) -> None:
   check_eps(eps)
-  check_norm(norm, NORMS, attack)
+  check_norm(norm, attack=attack)
   check_positive("steps", steps)
-  if not isinstance(restarts, (int, np.integer)) or restarts < 0:
-    raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
+  check_restarts(restarts)
   check_positive("eot_samples", eot_samples)
-  if not 0 < rho <= 1:
-    raise ValueError(f"rho must lie in (0, 1], got {rho}")
+  check_unit_interval("rho", rho)
 
 
 def _resolve_loss(loss: str | losses.LossFn) -> losses.LossFn:
@@ -355,13 +189,13 @@ def apgd(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
 
   `stochastic`: `model_fn(x, key)` is a randomised model; gradients are averaged over
   `eot_samples` draws (EOT). `active` (N,) bool: the points to attack (default all);
-  `chunks`: see `run_on_robust`."""
+  `chunks`: see `common.run_on_robust`."""
   _check_common(eps, norm, steps, restarts, rho, eot_samples, "apgd")
   loss_fn = _resolve_loss(loss)
   x = x.astype(jnp.float32)
   forward = make_forward(model_fn, stochastic)
   keys, model_key = example_keys(key, x.shape[0], model_key, stochastic)
-  unroll = default_unroll(steps) if unroll is None else unroll
+  unroll = loop_unroll(steps, unroll)
 
   def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del r, attacked
@@ -369,13 +203,6 @@ def apgd(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
     return _single_run(evaluate, x, labels, random_start(run_keys, x, eps, norm),
                        run_model_key, eps=eps, norm=norm, steps=steps, rho=rho, unroll=unroll)
   return run_on_robust(forward, x, labels, keys, model_key, active, restarts, run_fn, chunks)
-
-
-def target_classes(logits: jax.Array, rank) -> jax.Array:
-  """The rank-th most likely class per example (rank 1 = argmax; may be traced)."""
-  order = jnp.argsort(logits, axis=-1)
-  return jnp.take_along_axis(order, (logits.shape[-1] - rank) * jnp.ones_like(order[:, :1]),
-                             axis=-1)[:, 0]
 
 
 def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: jax.Array,
@@ -395,7 +222,7 @@ def apgd_targeted(model_fn: ModelFn | StochasticModelFn, x: jax.Array, labels: j
   if classes < 4:
     raise ValueError(f"the targeted DLR loss needs >= 4 classes, got {classes}")
   check_n_target(n_target, classes, "apgd_targeted")
-  unroll = default_unroll(steps) if unroll is None else unroll
+  unroll = loop_unroll(steps, unroll)
 
   def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del attacked
