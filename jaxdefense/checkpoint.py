@@ -93,7 +93,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | epath.PathLike, *, save_every_steps: int, keep: int,
-               best_metric: str | None = "pgd_acc", best_mode: str = "max",
+               best_metric: str | None = None, best_mode: str = "max",
                read_only: bool = False):
     if save_every_steps < 1:
       raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")

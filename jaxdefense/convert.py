@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import checkpoint, data, errors, guard, layouts, parallel, paths, train
+from jaxdefense import (build, checkpoint, cli, data, errors, guard, layouts, parallel, paths,
+                        validation)
 
 CONV_TO_TORCH = (3, 2, 0, 1)   # HWIO -> OIHW
 CONV_TO_FLAX = (2, 3, 1, 0)    # OIHW -> HWIO
@@ -236,7 +237,7 @@ def check_config(config: ml_collections.ConfigDict, layout: layouts.Layout, name
     problems.append(f"model.arch={config.model.arch!r} (allowed: {', '.join(layout.archs)})")
   if config.defense.name != layout.defense:
     problems.append(f"defense.name={config.defense.name!r} (needs {layout.defense!r})")
-  kwargs = dict(config.model.get("kwargs", {}))
+  kwargs = config.model.kwargs.to_dict()
   for field, value in layout.model_kwargs.items():
     if kwargs.get(field) != value:
       problems.append(f"model.kwargs.{field}={kwargs.get(field)!r} (needs {value!r})")
@@ -249,17 +250,17 @@ def _data_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, int, 
   """(num_classes, image shape) of the config's data set, without reading CIFAR / SVHN."""
   name = config.data.name
   if name in data.TFDS_NAMES:
-    return (100 if name == "cifar100" else 10), (32, 32, 3)
-  dataset = train.load_data(config)
+    return data.NUM_CLASSES[name], (32, 32, 3)
+  dataset = build.load_data(config)
   return dataset.num_classes, dataset.image_shape
 
 
 def _train_state(config: ml_collections.ConfigDict):
   num_classes, image_shape = _data_spec(config)
-  model = train.build_model(config, num_classes)
-  tx, _ = train.make_optimizer(config, steps_per_epoch=1)
-  state = train.create_train_state(model, tx, jax.random.key(config.seed), image_shape,
-                                   ema=config.train.ema_decay > 0)
+  model = build.build_model(config, num_classes)
+  tx, _ = build.make_optimizer(config, steps_per_epoch=1)
+  state = build.create_train_state(model, tx, jax.random.key(config.seed), image_shape,
+                                   ema=build.uses_ema(config))
   return state, num_classes
 
 
@@ -267,14 +268,20 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
                  torch_path: str) -> epath.Path:
   """Writes the weights in `torch_path` as step 0 of `workdir`'s checkpoints."""
   torch = _torch()
+  validation.validate(config, parallel.make_mesh())
   layout = get_layout(layout_name)
   check_config(config, layout, layout_name)
   workdir = paths.resolve(workdir)
   source = epath.Path(torch_path)
-  if not source.exists():
-    raise errors.WeightsMismatch(f"no such file: {torch_path}")
+  if not source.is_file():
+    raise errors.WeightsMismatch(f"--torch={torch_path}: no such file")
   raw = source.read_bytes()
-  obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+  except Exception as e:  # torch.load raises pickle, zip and runtime errors alike.
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise errors.WeightsMismatch(f"--torch={torch_path} is not a PyTorch state_dict that "
+                                 f"torch.load reads with weights_only=True ({reason})") from e
   state, num_classes = _train_state(config)
   abstract = state.variables()
   variables = to_variables(_unwrap(obj, torch_path), layout, abstract, num_classes)
@@ -282,7 +289,8 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
   paths.check_writable(workdir)
   guard.check_config(workdir, config)
   with guard.Lock(workdir):
-    ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1)
+    ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                                   best_metric=build.BEST_METRIC)
     try:
       if ckpt.all_steps():
         raise errors.RunError(f"{directory} already holds checkpoints "
@@ -304,13 +312,15 @@ def export_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
                  torch_path: str, which: str = "latest") -> int:
   """Writes a checkpoint of `workdir` as a PyTorch state_dict; returns its step."""
   torch = _torch()
+  mesh = parallel.make_mesh()
+  validation.validate(config, mesh)
   layout = get_layout(layout_name)
   check_config(config, layout, layout_name)
   workdir = paths.resolve(workdir)
+  guard.check_trained(workdir, config)
   num_classes, image_shape = _data_spec(config)
-  model = train.build_model(config, num_classes)
-  variables, step = train.restore_variables(config, workdir, which, model, image_shape,
-                                               parallel.make_mesh())
+  model = build.build_model(config, num_classes)
+  variables, step = build.restore_variables(config, workdir, which, model, image_shape, mesh)
   sd = to_state_dict(jax.device_get(variables), layout)
   buffer = io.BytesIO()
   torch.save(collections.OrderedDict((k, torch.tensor(v)) for k, v in sd.items()), buffer)
@@ -322,9 +332,12 @@ def main(argv: list[str]) -> None:
   from absl import flags  # noqa: PLC0415
   flag_values = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("import", "export"):
-    raise SystemExit(f"usage: python -m jaxdefense.convert import|export --layout=... "
-                     f"(got {' '.join(argv[1:]) or 'no command'}); --help lists the flags")
-  try:
+    print(f"error: usage: python -m jaxdefense.convert import|export --layout=... "
+          f"(got {' '.join(argv[1:]) or 'no command'}); --help lists the flags",
+          file=sys.stderr, flush=True)
+    sys.exit(errors.ConfigError.exit_code)
+  cli.quiet_logging()
+  with cli.faults_as_one_line():
     if argv[1] == "import":
       directory = import_torch(flag_values.config, flag_values.workdir, flag_values.layout,
                                flag_values.torch)
@@ -335,12 +348,9 @@ def main(argv: list[str]) -> None:
                           which="best" if flag_values.checkpoint == "best" else "latest")
       print(f"exported step {step} of {flag_values.workdir} to {flag_values.torch} "
             f"({flag_values.layout})")
-  except errors.RunError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   from absl import flags  # noqa: PLC0415
   from ml_collections import config_flags  # noqa: PLC0415
   listing = "; ".join(f"{k}: {v.description}" for k, v in layouts.LAYOUTS.items())
@@ -358,5 +368,5 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app  # noqa: PLC0415
-  _define_flags()
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

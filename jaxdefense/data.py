@@ -26,15 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxdefense import errors
+
 NAMES = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
-DIGITS_TEST_SIZE = 360
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10, "synthetic": 10}
+# (train, test) points of each data set with fixed splits (synthetic's are its options).
+SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032),
+               "digits": (1437, 360)}
+DIGITS_TEST_SIZE = SPLIT_SIZES["digits"][1]
 DIGITS_SPLIT_SEED = 0
 _READ_CHUNK = 1024
 _UINT8_TO_FLOAT = np.arange(256, dtype=np.float32) / 255
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(errors.DataError):
   """A TFDS data set is not prepared (as array_record) in the data directory."""
 
 
@@ -89,11 +95,8 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, num_train: int
     num_classes: synthetic only (default 10); elsewhere only the native count is accepted.
     seed: synthetic only, the seed of its images and labels.
   """
-  if name not in NAMES:
-    raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(NAMES)}")
-  if data_dir is not None and name not in TFDS_NAMES:
-    raise ValueError(f"data_dir applies to the TFDS data sets ({', '.join(TFDS_NAMES)}), "
-                     f"not to {name!r}; got {os.fspath(data_dir)!r}")
+  check_options(name, data_dir=data_dir, num_train=num_train, num_test=num_test,
+                image_size=image_size)
   if name == "synthetic":
     dataset = synthetic(num_train=1024 if num_train is None else num_train,
                         num_test=256 if num_test is None else num_test,
@@ -105,11 +108,42 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, num_train: int
     _check_native(name, "num_classes", num_classes, 10)
     dataset = digits(image_size=16 if image_size is None else image_size)
   else:
-    _check_native(name, "image_size", image_size, 32)
     _check_native(name, "channels", channels, 3)
     _check_native(name, "num_classes", num_classes, 100 if name == "cifar100" else 10)
     return from_tfds(name, data_dir=data_dir, num_train=num_train, num_test=num_test)
   return subset(dataset, num_train=num_train, num_test=num_test)
+
+
+def check_options(name: str, *, data_dir: str | os.PathLike | None = None,
+                  num_train: int | None = None, num_test: int | None = None,
+                  image_size: int | None = None) -> None:
+  """ValueError naming the option, its value and what is allowed, for options `load`
+  cannot honour (checked before anything is read)."""
+  if name not in NAMES:
+    raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(NAMES)}")
+  if data_dir is not None and name not in TFDS_NAMES:
+    raise ValueError(f"data_dir applies to the TFDS data sets ({', '.join(TFDS_NAMES)}), "
+                     f"not to {name!r}; got {os.fspath(data_dir)!r}")
+  if name in TFDS_NAMES:
+    _check_native(name, "image_size", image_size, 32)
+  elif name == "digits" and image_size is not None and (image_size <= 0 or image_size % 8):
+    raise ValueError(f"digits image_size must be a positive multiple of 8 (8x8 originals "
+                     f"upsampled by an integer factor); got {image_size}")
+  sizes = SPLIT_SIZES.get(name, (None, None))
+  for option, value, available in (("num_train", num_train, sizes[0]),
+                                   ("num_test", num_test, sizes[1])):
+    if value is not None and (value < 1 or (available is not None and value > available)):
+      allowed = f"[1, {available}] (the split's size)" if available else ">= 1"
+      raise ValueError(f"{option} must lie in {allowed}; got {value}")
+
+
+def image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+  """The (H, W, C) of data set `name`'s images, without reading it (`load`'s defaults)."""
+  if name == "digits":
+    return (image_size or 16, image_size or 16, 1)
+  if name == "synthetic":
+    return (image_size or 32, image_size or 32, 3)
+  return (32, 32, 3)
 
 
 def _check_native(name: str, option: str, value: int | None, native: int) -> None:

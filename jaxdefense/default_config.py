@@ -1,4 +1,4 @@
-"""Every field a run reads, with the papers' defaults (METHOD.md section 3).
+"""Every field a run reads, with the papers' defaults (docs/method.md section 3).
 
 Config files in `configs/` start from `get()` and change what their recipe needs; any field
 can be overridden on the command line, e.g. `--config.optim.lr=0.05`.
@@ -82,7 +82,7 @@ def get() -> ml_collections.ConfigDict:
   c.eval_pgd.random_start = True
   c.eval_pgd.loss = "auto"            # auto (CAS, CIFS: their own loss; else CE) | ce | defense
 
-  c.eval = ml_collections.ConfigDict()  # --mode=eval (METHOD.md section 4).
+  c.eval = ml_collections.ConfigDict()  # --mode=eval (docs/evaluation.md).
   c.eval.num_examples = 0             # The first N test points (0 = all).
   c.eval.batch_size = 200
   c.eval.eps = 8 / 255
@@ -91,7 +91,7 @@ def get() -> ml_collections.ConfigDict:
   c.eval.dtype = ""                   # Compute dtype of the evaluation ("" = model.dtype;
   #                                     bfloat16: perturbations and losses stay float32).
   # fsr | cas | cifs | autoattack | full: the attacks of each paper's protocol,
-  # RobustBench's, or all of them with the adaptive ones (jaxdefense.evaluate.PROTOCOLS).
+  # RobustBench's, or all of them with the adaptive ones (jaxdefense.protocols.PROTOCOLS).
   c.eval.protocol = "full"
   # Non-empty: these attacks instead of the protocol's, of fgsm, pgd20, pgd100, pgd20_rs, cw,
   # cas_fgsm, cas_pgd20, cas_cw, cifs_fgsm, cifs_pgd20, cifs_pgd100, cifs_cw,
@@ -113,8 +113,8 @@ def get() -> ml_collections.ConfigDict:
 
   # > 1 (one device only): each AutoAttack attack runs on the points still robust,
   # gathered, in batches of eval.batch_size / autoattack_chunks (as many as they need): the
-  # same results, the work following the robust points (attacks.apgd.run_on_robust). On
-  # the CPU, 4 made AA 1.3x faster at 64% robust, 3.5x at 3%, 10% slower at 90%.
+  # same results, the work following the robust points (attacks.common.run_on_robust);
+  # faster when few points stay robust (benchmarks/RESULTS.md, "chunks").
   c.eval.autoattack_chunks = 1
 
   c.analysis = ml_collections.ConfigDict()  # --mode=analyze.
@@ -127,7 +127,7 @@ DATASETS = ("cifar10", "cifar100", "svhn")
 
 def paper_recipe(arch: str, defense: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
   """The FSR paper's PGD-AT recipe for `arch` + `defense` on `dataset` (wkim97/FSR
-  train.py; METHOD.md sections 3, 7): SGD 0.9, wd 5e-4, batch 128, 100 epochs, lr 0.1
+  train.py; docs/method.md sections 3, 7): SGD 0.9, wd 5e-4, batch 128, 100 epochs, lr 0.1
   (SVHN 0.01) x0.1 from 1-based epoch 75 and 90 on, PGD-10 at eps 8/255 with step 2/255
   (SVHN 1/255), CIFAR pad-crop-flip augmentation."""
   if dataset not in DATASETS:

@@ -70,8 +70,16 @@ class Lock:
         return self
       try:
         other = json.loads(self.path.read_text())
-      except (FileNotFoundError, json.JSONDecodeError):
-        other = {}
+      except FileNotFoundError:
+        continue  # Released meanwhile: try again.
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        raise errors.WorkdirBusy(
+            f"{self.path} is damaged, so its holder is unknown; if no training runs on "
+            f"{self.path.parent}, delete {self.path} and run again") from None
+      if not isinstance(other, dict):
+        raise errors.WorkdirBusy(f"{self.path} is damaged (not a JSON object), so its "
+                                 f"holder is unknown; if no training runs on "
+                                 f"{self.path.parent}, delete {self.path} and run again")
       if other.get("host") == self.holder["host"] and other.get("pid") is not None \
           and not _pid_alive(int(other["pid"])):
         print(f"taking over {self.path}: its process {other['pid']} on {other['host']} "
@@ -111,15 +119,15 @@ def _plain(value: Any) -> Any:
 
 def parameter_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config fields that decide the checkpoint's parameter and state trees."""
-  fields = {"model.arch": config.model.arch, "model.kwargs": config.model.get("kwargs", {}),
+  fields = {"model.arch": config.model.arch, "model.kwargs": config.model.kwargs,
             "defense.name": config.defense.name, "defense.sites": config.defense.sites,
             "data.name": config.data.name, "data.image_size": config.data.image_size,
             "train.ema_decay > 0": config.train.ema_decay > 0}
   if config.defense.name == "fsr":
     fields["defense.hidden"] = config.defense.hidden
   if config.defense.name == "cifs":
-    fields["defense.probe_hidden"] = config.defense.get("probe_hidden", 0)
-    fields["defense.linear_sites"] = config.defense.get("linear_sites", ())
+    fields["defense.probe_hidden"] = config.defense.probe_hidden
+    fields["defense.linear_sites"] = config.defense.linear_sites
   return {k: _plain(v) for k, v in fields.items()}
 
 
@@ -133,13 +141,29 @@ def record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
                                     indent=2))
 
 
+def _read_json(path: epath.Path, what: str) -> dict:
+  """A workdir's JSON file, or WorkdirError naming it and what to do if it is damaged."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.WorkdirError(f"{path} is damaged ({e}); {what}") from e
+  if not isinstance(value, dict):
+    raise errors.WorkdirError(f"{path} is damaged (not a JSON object); {what}")
+  return value
+
+
 def check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """ConfigMismatch naming every field that differs from the workdir's `config.json` in
   the parameters it builds (nothing to check in a workdir without one)."""
   path = workdir / CONFIG
   if not path.exists():
     return
-  recorded = json.loads(path.read_text())["parameter_fields"]
+  recorded = _read_json(path, "restore it from a copy, or delete it if you are sure the "
+                              "config builds the model trained there (it is rewritten on "
+                              "the next training)").get("parameter_fields")
+  if not isinstance(recorded, dict):
+    raise errors.WorkdirError(f"{path} is damaged (no parameter_fields); restore it from a "
+                              "copy, or delete it to have the next training rewrite it")
   current = parameter_fields(config)
   differing = [f"{k}: {recorded.get(k)!r} in the workdir, {current.get(k)!r} now"
                for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
@@ -148,3 +172,15 @@ def check_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None
         f"the config does not match the model trained in {workdir}: "
         + "; ".join(differing)
         + f". Use the config it was trained with (saved in {path}), or another --workdir.")
+
+
+def check_trained(workdir: epath.Path, config: ml_collections.ConfigDict,
+                  flag: str = "--workdir") -> None:
+  """Before any data is loaded: `workdir` (given as `flag`) has checkpoints, of a model
+  that `config` builds."""
+  directory = workdir / "checkpoints"
+  if not directory.exists():
+    given = "" if flag == "--workdir" else f" ({flag}={workdir})"
+    raise errors.NoCheckpoint(f"no checkpoint in {directory}{given}: train first with "
+                              f"--mode=train --workdir={workdir}")
+  check_config(workdir, config)

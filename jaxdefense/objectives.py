@@ -1,4 +1,4 @@
-"""Training objectives (METHOD.md section 3), each with the defense's auxiliary loss.
+"""Training objectives (docs/method.md section 3), each with the defense's auxiliary loss.
 
 Every objective is a pure function `(params, batch_stats, batch, rng) -> (loss, (metrics,
 new_batch_stats))` built by `make`; `batch` holds float32 images in [0, 1] (augmented) and
@@ -17,18 +17,19 @@ import optax
 
 from jaxdefense import attacks, defenses
 from jaxdefense.attacks import losses
+from jaxdefense.defenses import outputs
 
 NAMES = ("pgd_at", "trades", "mart", "natural")
-ATTACK_LOSSES = ("auto", "ce", "defense")
 Objective = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
-  """The training attack: L-inf PGD (METHOD.md section 3; section 7 for SVHN's step).
+  """The training attack: L-inf PGD (docs/method.md section 3; section 7 for SVHN's step).
 
-  `loss="auto"` is the authors' choice: CAS and CIFS attack their full loss (main CE +
-  beta x the mean auxiliary CE), FSR and the baseline the main CE.
+  `loss` is resolved by `losses.attacks_defense_loss`: "auto" is the authors' choice, CAS
+  and CIFS attacking their full loss (main CE + beta x the mean auxiliary CE), FSR and the
+  baseline the main CE.
   """
   eps: float = 8 / 255
   step_size: float = 2 / 255
@@ -42,9 +43,9 @@ class AttackConfig:
       raise ValueError(f"objective.attack.step_size must be > 0, got {self.step_size}")
     if self.steps < 0:
       raise ValueError(f"objective.attack.steps must be >= 0, got {self.steps}")
-    if self.loss not in ATTACK_LOSSES:
+    if self.loss not in losses.ATTACK_LOSSES:
       raise ValueError(f"unknown objective.attack.loss {self.loss!r}; allowed: "
-                       f"{', '.join(ATTACK_LOSSES)}")
+                       f"{', '.join(losses.ATTACK_LOSSES)}")
 
 
 def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -56,19 +57,24 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _cas_logits(aux: dict[str, jax.Array]) -> list[jax.Array]:
-  return [v for k, v in sorted(aux.items()) if k.startswith("cas/")]
+  return outputs.of(aux, "cas")
+
+
+def check_name(name: str, defense: str) -> None:
+  """ValueError unless objective `name` is defined for `defense`."""
+  if name not in NAMES:
+    raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(NAMES)}")
+  if defense == "cifs" and name in ("trades", "mart"):
+    raise ValueError(f"objective {name!r} is not defined for CIFS (its authors train it with "
+                     "PGD-AT only); allowed: pgd_at, natural")
 
 
 def make(name: str, model: Any, defense: defenses.DefenseConfig, attack: AttackConfig, *,
          beta: float = 6.0) -> Objective:
   """The objective `name` for `model` hosting `defense`; `beta` is TRADES' / MART's."""
-  if name not in NAMES:
-    raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(NAMES)}")
+  check_name(name, defense.name)
   if beta < 0:
     raise ValueError(f"objective.beta must be >= 0, got {beta}")
-  if defense.name == "cifs" and name in ("trades", "mart"):
-    raise ValueError(f"objective {name!r} is not defined for CIFS (its authors train it with "
-                     "PGD-AT only); allowed: pgd_at, natural")
   fn = {"pgd_at": pgd_at, "trades": trades, "mart": mart, "natural": natural}[name]
   return functools.partial(fn, model=model, defense=defense, attack=attack, beta=beta)
 
@@ -77,12 +83,6 @@ def _forward_train(model, params, batch_stats, x, labels, key):
   out, state = model.apply({"params": params, "batch_stats": batch_stats}, x, labels,
                            train=True, rngs={"gumbel": key}, mutable=["batch_stats"])
   return out, state["batch_stats"]
-
-
-def _attack_loss(defense: defenses.DefenseConfig, attack: AttackConfig) -> losses.LossFn:
-  use_defense = attack.loss == "defense" or (attack.loss == "auto"
-                                             and defense.name in defenses.LABELLED)
-  return losses.defense_loss(defense) if use_defense else losses.cross_entropy
 
 
 def _deployed(model, params, batch_stats):
@@ -114,7 +114,7 @@ def pgd_at(params, batch_stats, batch, rng, *, model, defense, attack, beta):
   x, labels = batch["images"], batch["labels"]
   x_adv = attacks.pgd(_deployed(model, params, batch_stats), x, labels, attack_key,
                       eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                      loss=_attack_loss(defense, attack))
+                      loss=losses.attack_loss(attack.loss, defense))
   out, new_stats = _forward_train(model, params, batch_stats, jax.lax.stop_gradient(x_adv),
                                   labels, gumbel_key)
   ce = jnp.mean(_ce(out.logits, labels))
@@ -202,7 +202,7 @@ def mart(params, batch_stats, batch, rng, *, model, defense, attack, beta):
   x_init = x + 0.001 * jax.random.normal(start_key, x.shape)
   x_adv = attacks.pgd(_deployed(model, params, batch_stats), x, labels, eps=attack.eps,
                       step_size=attack.step_size, steps=attack.steps, random_start=False,
-                      x_init=x_init, loss=_attack_loss(defense, attack))
+                      x_init=x_init, loss=losses.attack_loss(attack.loss, defense))
   x_adv = jax.lax.stop_gradient(x_adv)
   nat, stats = _forward_train(model, params, batch_stats, x, labels, nat_key)
   adv, stats = _forward_train(model, params, stats, x_adv, labels, adv_key)

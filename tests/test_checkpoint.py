@@ -59,9 +59,10 @@ def run_python(code: str, *, env: dict | None = None) -> subprocess.CompletedPro
 def test_round_trip_is_bit_identical_with_metadata(tmp_path):
   state = make_state(3)
   metadata = {"epoch": 2, "step_in_epoch": np.int64(17), "config": "resnet18_cas",
-              "metrics": {"pgd_acc": np.float32(0.25), "loss": 1.5}}
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=3) as ckpt:
-    assert ckpt.save(11, state, metrics={"pgd_acc": 0.25}, metadata=metadata)
+              "metrics": {"pgd_accuracy": np.float32(0.25), "loss": 1.5}}
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=3,
+                               best_metric="pgd_accuracy") as ckpt:
+    assert ckpt.save(11, state, metrics={"pgd_accuracy": 0.25}, metadata=metadata)
     ckpt.wait()
     restored, step, meta = ckpt.restore(make_state(0))
   assert step == 11
@@ -69,8 +70,9 @@ def test_round_trip_is_bit_identical_with_metadata(tmp_path):
   assert_bit_identical(restored, state)
   assert restored.rng.dtype == state.rng.dtype
   assert meta == {"epoch": 2, "step_in_epoch": 17, "config": "resnet18_cas",
-                  "metrics": {"pgd_acc": 0.25, "loss": 1.5}}
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=3) as reopened:
+                  "metrics": {"pgd_accuracy": 0.25, "loss": 1.5}}
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=3,
+                               best_metric="pgd_accuracy") as reopened:
     restored, step, _ = reopened.restore(jax.eval_shape(lambda: make_state(0)))
   assert step == 11
   assert_bit_identical(restored, state)
@@ -81,9 +83,10 @@ def test_keeps_last_k_plus_best(tmp_path, mode):
   accs = [0.1, 0.9, 0.3, 0.4, 0.5, 0.6]
   if mode == "min":
     accs = [-a for a in accs]
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2, best_mode=mode) as ckpt:
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2, best_mode=mode,
+                               best_metric="pgd_accuracy") as ckpt:
     for step, acc in enumerate(accs, start=1):
-      assert ckpt.save(step, make_state(step), metrics={"pgd_acc": acc, "loss": 0.0})
+      assert ckpt.save(step, make_state(step), metrics={"pgd_accuracy": acc, "loss": 0.0})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 5, 6]
     assert ckpt.latest_step() == 6 and ckpt.best_step() == 2
@@ -91,16 +94,18 @@ def test_keeps_last_k_plus_best(tmp_path, mode):
   assert step == 2
   assert_bit_identical(restored, make_state(2))
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 5, 6]
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2, best_mode=mode) as reopened:
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2, best_mode=mode,
+                               best_metric="pgd_accuracy") as reopened:
     assert reopened.best_step() == 2
 
 
 def test_steps_without_the_metric_never_count_as_best(tmp_path):
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=1) as ckpt:
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=1,
+                               best_metric="pgd_accuracy") as ckpt:
     ckpt.save(1, make_state(1))
-    ckpt.save(2, make_state(2), metrics={"pgd_acc": 0.5})
+    ckpt.save(2, make_state(2), metrics={"pgd_accuracy": 0.5})
     ckpt.save(3, make_state(3), metrics={"loss": 9.0})
-    ckpt.save(4, make_state(4), metrics={"pgd_acc": float("nan")})
+    ckpt.save(4, make_state(4), metrics={"pgd_accuracy": float("nan")})
     ckpt.save(5, make_state(5))
     ckpt.wait()
     assert ckpt.all_steps() == [2, 5]
@@ -121,7 +126,8 @@ def test_saves_every_n_steps_and_when_forced(tmp_path):
 
 def test_restore_with_nothing_saved(tmp_path):
   directory = tmp_path / "checkpoints"
-  with checkpoint.Checkpointer(directory, save_every_steps=1, keep=1) as ckpt:
+  with checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                               best_metric="pgd_accuracy") as ckpt:
     assert ckpt.latest_step() is None and ckpt.best_step() is None
     assert ckpt.restore(make_state(0)) is None
     with pytest.raises(FileNotFoundError, match=re.escape(str(directory))):

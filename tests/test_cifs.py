@@ -1,4 +1,4 @@
-"""CIFS (jaxdefense/defenses/cifs.py) against the closed forms of CIFS.md, computed in NumPy
+"""CIFS (jaxdefense/defenses/cifs.py) against the closed forms of docs/cifs.md, computed in NumPy
 from the module's own parameters; its second-order gradient against finite differences;
 its class selection; the deployed model's input gradient with and without the mask's
 input dependence."""
@@ -33,7 +33,7 @@ def _setup(probe, seed=0, dtype=np.float32, **kw):
 
 
 def _reference(probe, params, z, classes, mask_scale=1.0):
-  """CIFS.md section 2: probe logits, relevance (closed form), mask, output (float64)."""
+  """docs/cifs.md section 2: probe logits, relevance (closed form), mask, output (float64)."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   g = np.asarray(z, np.float64).mean(axis=(1, 2))
   pick = lambda kernel: sum(kernel[:, classes[:, j]].T for j in range(classes.shape[1]))

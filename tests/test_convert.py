@@ -18,10 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdefense import convert, defenses, errors, layouts, models, parallel, train  # noqa: E402
+from jaxdefense import build, convert, defenses, errors, layouts, models, parallel, train  # noqa: E402
 from tests import torch_models as tm  # noqa: E402
-from tests.test_configs import load as load_config  # noqa: E402
-from tests.test_train import ROOT, TINY, tiny_config  # noqa: E402
+from tests.helpers import ROOT, TINY, load_config, tiny_config  # noqa: E402
 
 SMALL_VGG = ((8, 8), (8, 8), (16, 16, 16), (16, 16, 16), (16, 16, 16))
 HIDDEN = 8
@@ -183,7 +182,7 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
              "--config.eval.attacks=('fgsm',)", cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((tmp_path / "runs/imported/eval.json").read_text())
-  dataset = train.load_data(tiny_config())
+  dataset = build.load_data(tiny_config())
   with torch.no_grad():
     x = torch.from_numpy(dataset.test_images.astype(np.float32).transpose(0, 3, 1, 2) / 255)
     expected = (module(x)[0].argmax(1).numpy() == dataset.test_labels).mean()
@@ -207,11 +206,11 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
     train.train_and_evaluate(c, "runs/fine_tuned")
   finally:
     os.chdir(cwd)
-  model = train.build_model(c, dataset.num_classes)
+  model = build.build_model(c, dataset.num_classes)
   mesh = parallel.make_mesh()
-  tuned, _ = train.restore_variables(c, tmp_path / "runs/fine_tuned", "latest", model,
+  tuned, _ = build.restore_variables(c, tmp_path / "runs/fine_tuned", "latest", model,
                                      dataset.image_shape, mesh)
-  imported, _ = train.restore_variables(c, tmp_path / "runs/imported", "latest", model,
+  imported, _ = build.restore_variables(c, tmp_path / "runs/imported", "latest", model,
                                         dataset.image_shape, mesh)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned["params"]),
                jax.device_get(imported["params"]))
@@ -243,7 +242,7 @@ FULL_SIZE = {
         ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3))),
     "cas_resnet18": (("cas", "resnet18,pgd_at"), lambda: tm.ResNet(defense="cas")),
     "cas_wrn": (("cas", "wrn34_10,trades"), lambda: tm.WideResNet(defense="cas", sub_block1=True)),
-    "cas_vgg16": (("vgg16_cas", "pgd_at"), lambda: tm.VGGCAS(
+    "cas_vgg16": (("cas", "vgg16,pgd_at"), lambda: tm.VGGCAS(
         ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3))),
     "cifs_resnet18": (("cifs", "resnet18"), lambda: tm.ResNet(defense="cifs")),
     "resnet18": (("mart", "resnet18"), lambda: tm.ResNet()),
@@ -263,7 +262,7 @@ def test_each_layouts_config_builds_the_full_size_pytorch_model(name):
   config = load_config(config_name, argument)
   layout = layouts.LAYOUTS[name]
   convert.check_config(config, layout, name)
-  model = train.build_model(config, 10)
+  model = build.build_model(config, 10)
   ts = convert.tensors(layout, _abstract(model))
   torch_shapes = {k: tuple(v.shape) for k, v in factory().state_dict().items()
                   if not k.endswith("num_batches_tracked")

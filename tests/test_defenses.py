@@ -1,5 +1,5 @@
 """CAS and FSR modules, their auxiliary losses and DefenseConfig, against NumPy references
-re-derived from METHOD.md sections 1-2 (float64, computed from the modules' own params)."""
+re-derived from docs/method.md sections 1-2 (float64, computed from the modules' own params)."""
 import functools
 
 import flax.linen as nn
@@ -48,7 +48,7 @@ def np_gumbel(u):
 
 
 def np_gumbel_sigmoid(r, tau, u1, u2):
-  """The explicit two-way softmax of METHOD.md section 2.2, max-shifted for float64."""
+  """The explicit two-way softmax of docs/method.md section 2.2, max-shifted for float64."""
   p = 1 / (1 + np.exp(-r))
   l1 = (np.log(p + E) + np_gumbel(u1)) / (tau + E)
   l2 = (np.log(1 - p + E) + np_gumbel(u2)) / (tau + E)

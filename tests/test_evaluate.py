@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from jaxdefense import analysis, evaluate, train
-from tests.test_train import tiny_config
+from jaxdefense import analysis, build, evaluate, protocols, train
+from tests.helpers import tiny_config
 
 FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},
            "fab_t": {"steps": 10, "n_target": 2}, "square": {"queries": 100},
@@ -122,7 +122,7 @@ def test_analysis(trained_fsr):
   assert json.load(open(os.path.join(workdir, "analysis.json")))["sites"].keys() == {"layer2.0"}
   assert os.path.exists(os.path.join(workdir, "analysis_layer2.0.png"))
   frequency = report["activation_frequency"]
-  images = int(np.sum(train.load_data(config).test_labels == 0))  # Class 0 of the 96.
+  images = int(np.sum(build.load_data(config).test_labels == 0))  # Class 0 of the 96.
   assert frequency["class_index"] == 0 and frequency["num_images"] == images > 0
   for kind in ("natural", "adversarial"):
     counts = np.asarray(frequency["sites"]["layer2.0"][kind])
@@ -138,8 +138,8 @@ def test_cifs_protocol_and_mask_analysis(tmp_path, rolled_attack_loops):
   config.train.epochs = 1
   config.eval.attacks = ()
   config.eval.protocol = "cifs"
-  protocol = evaluate.attack_names(config)
-  assert protocol == evaluate.PROTOCOLS["cifs"]
+  protocol = protocols.attack_names(config.eval)
+  assert protocol == protocols.PROTOCOLS["cifs"]
   train.train_and_evaluate(config, str(tmp_path))
   config.eval.attacks = (*protocol, "cifs_mask_pgd100")  # One evaluation runs both.
   r = evaluate.run(config, str(tmp_path), which="latest")["results"]
@@ -212,14 +212,14 @@ def test_protocols_resolve_to_their_attacks():
                        "cifs_pgd100", "cifs_cw")}
   for protocol, names in expected.items():
     config.eval.protocol = protocol
-    assert evaluate.attack_names(config) == names
+    assert protocols.attack_names(config.eval) == names
   config.eval.protocol = "full"
   # Everything but the variants (random-start PGD, AutoAttack rand) and, of CIFS's joint
   # attacks, FGSM and PGD-100 (the adaptive PGD-100 on the training loss is that attack).
-  assert set(evaluate.attack_names(config)) == set(evaluate.suite(config)) - {
+  assert set(protocols.attack_names(config.eval)) == set(protocols.suite(config.eval)) - {
       "pgd20_rs", "autoattack_rand", "cifs_fgsm", "cifs_pgd100"}
   config.eval.attacks = ("pgd20",)
-  assert evaluate.attack_names(config) == ("pgd20",)
+  assert protocols.attack_names(config.eval) == ("pgd20",)
 
 
 @pytest.mark.parametrize("protocol,attacks,title", [
@@ -231,6 +231,7 @@ def test_each_protocol_runs_its_attacks_on_a_cas_model(trained_cas, protocol, at
   attack below natural, the worst case at most each and far below natural, named as the
   protocol names it."""
   config, workdir = trained_cas
+  config = config.copy_and_resolve_references()  # The fixture's stays as trained.
   config.eval.protocol, config.eval.attacks = protocol, ()
   r = evaluate.run(config, workdir, which="latest")["results"]
   assert [k for k in r if k not in ("natural", "worst_case")] == attacks
@@ -246,6 +247,7 @@ def test_each_protocol_runs_its_attacks_on_a_cas_model(trained_cas, protocol, at
 
 def test_unknown_protocol_is_named(trained_cas):
   config, workdir = trained_cas
+  config = config.copy_and_resolve_references()  # The fixture's stays as trained.
   config.eval.protocol = "robustbench"
   with pytest.raises(ValueError, match="unknown eval.protocol 'robustbench'; allowed: fsr, cas"):
     evaluate.run(config, workdir)
@@ -279,5 +281,5 @@ def test_l2_evaluation(trained_fsr):
                                        r"protocol 'fsr' are L-inf only"):
     evaluate.run(config, workdir, which="latest")
   config.eval.protocol = "autoattack"
-  assert evaluate.attack_names(config) == ("autoattack",)
-  assert "l2" in evaluate.suite(config)["autoattack"].norms
+  assert protocols.attack_names(config.eval) == ("autoattack",)
+  assert "l2" in protocols.suite(config.eval)["autoattack"].norms

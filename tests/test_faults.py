@@ -15,12 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import errors, evaluate, guard, train
+from jaxdefense import build, errors, evaluate, guard, train
 from jaxdefense.checkpoint import Checkpointer
-from tests.test_parallel import _saved_state
-from tests.test_train import ROOT, TINY, _main, tiny_config
+from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, saved_state, steps_per_epoch,
+                           tiny_config, total_steps)
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+# The checkpoints a finished tiny run keeps (steps), its last and the one before.
+KEPT = kept_checkpoints(tiny_config())
+LAST, PREVIOUS = KEPT[-1], KEPT[-2]
 
 
 def _largest_array_file(step_dir):
@@ -31,7 +34,7 @@ def _largest_array_file(step_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A finished tiny run (checkpoints 3, 4, 6) to copy and damage."""
+  """A finished tiny run (checkpoints KEPT) to copy and damage."""
   workdir = tmp_path_factory.mktemp("trained")
   config = tiny_config()
   train.train_and_evaluate(config, workdir)
@@ -42,7 +45,7 @@ def _copy(trained, tmp_path):
   import shutil
   config, workdir = trained
   shutil.copytree(workdir, tmp_path / "run")
-  return config, tmp_path / "run"
+  return config.copy_and_resolve_references(), tmp_path / "run"
 
 
 @pytest.mark.parametrize("damage", ["truncate an array file", "delete state/_METADATA"])
@@ -53,37 +56,37 @@ def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_pa
   where an undamaged run ends."""
   config, run = _copy(trained, tmp_path)
   if damage.startswith("truncate"):
-    path = _largest_array_file(run / "checkpoints" / "6")
+    path = _largest_array_file(run / "checkpoints" / str(LAST))
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   else:
-    os.remove(run / "checkpoints" / "6" / "state" / "_METADATA")
+    os.remove(run / "checkpoints" / str(LAST) / "state" / "_METADATA")
   config.eval.attacks, config.eval.num_examples, config.eval.batch_size = ("fgsm",), 24, 24
   report = evaluate.run(config, run, which="latest")
-  assert report["step"] == 4
-  assert "checkpoint step 6 in" in capsys.readouterr().out
-  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]  # Eval moves nothing.
+  assert report["step"] == PREVIOUS
+  assert f"checkpoint step {LAST} in" in capsys.readouterr().out
+  assert sorted(map(int, os.listdir(run / "checkpoints"))) == KEPT  # Eval moves nothing.
 
   results = train.train_and_evaluate(config, run)
   out = capsys.readouterr().out
-  assert "checkpoint step 6 in" in out and "does not restore" in out
-  assert "resumed from step 4" in out and "moved damaged checkpoint step 6" in out
-  assert os.listdir(tmp_path / "run" / "checkpoints_damaged") == ["6"]
-  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]
+  assert f"checkpoint step {LAST} in" in out and "does not restore" in out
+  assert f"resumed from step {PREVIOUS}" in out and f"moved damaged checkpoint step {LAST}" in out
+  assert os.listdir(tmp_path / "run" / "checkpoints_damaged") == [str(LAST)]
+  assert sorted(map(int, os.listdir(run / "checkpoints"))) == KEPT
   assert results == json.loads((trained[1] / "results.json").read_text())
-  a, b = _saved_state(trained[1] / "checkpoints", 6), _saved_state(run / "checkpoints", 6)
+  a, b = saved_state(trained[1] / "checkpoints", LAST), saved_state(run / "checkpoints", LAST)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_no_intact_checkpoint_is_one_error_listing_every_step(trained, tmp_path):
   config, run = _copy(trained, tmp_path)
-  for step in ("3", "4", "6"):
-    os.remove(run / "checkpoints" / step / "state" / "_METADATA")
-  with pytest.raises(errors.NoIntactCheckpoint,
-                     match=r"no checkpoint in .* restores; tried step 6: .*; step 4: .*; step 3"):
+  for step in KEPT:
+    os.remove(run / "checkpoints" / str(step) / "state" / "_METADATA")
+  tried = ": .*; ".join(f"step {s}" for s in reversed(KEPT))
+  with pytest.raises(errors.NoIntactCheckpoint, match=f"no checkpoint in .* restores; tried {tried}"):
     train.train_and_evaluate(config, run)
-  assert sorted(os.listdir(run / "checkpoints")) == ["3", "4", "6"]  # Nothing moved.
+  assert sorted(map(int, os.listdir(run / "checkpoints"))) == KEPT  # Nothing moved.
 
 
 def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
@@ -99,7 +102,7 @@ def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert steps[:2] == [2, 3]
   for step in steps:
-    for key, value in _saved_state(tmp_path / "checkpoints", step).items():
+    for key, value in saved_state(tmp_path / "checkpoints", step).items():
       assert np.all(np.isfinite(value)), (step, key)
   rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(v) for r in rows for k, v in r.items() if k.startswith("train/"))
@@ -107,8 +110,8 @@ def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
   # A non-finite checkpoint (saved by hand) is refused by evaluation.
   good = tiny_config()
   train.train_and_evaluate(good, tmp_path / "good")
-  target = jax.eval_shape(lambda: train.create_train_state(
-      train.build_model(good, 10), train.make_optimizer(good, 3)[0], jax.random.key(0),
+  target = jax.eval_shape(lambda: build.create_train_state(
+      build.build_model(good, 10), build.make_optimizer(good, steps_per_epoch(good))[0], jax.random.key(0),
       (8, 8, 1), ema=True))
   with Checkpointer(tmp_path / "good" / "checkpoints", save_every_steps=1, keep=5,
                     best_metric="pgd_accuracy") as ckpt:
@@ -145,7 +148,7 @@ def test_second_training_on_a_held_workdir_refuses_and_eval_runs_beside(trained,
                                                  rf"{socket.gethostname()}, process {os.getpid()}"):
       train.train_and_evaluate(config, run)
     config.eval.attacks, config.eval.num_examples, config.eval.batch_size = ("fgsm",), 24, 24
-    assert evaluate.run(config, run, which="latest")["step"] == 6
+    assert evaluate.run(config, run, which="latest")["step"] == LAST
   finally:
     held.release()
   assert not (run / "lock.json").exists()
@@ -182,13 +185,13 @@ def test_a_config_that_builds_another_model_is_one_error(trained, tmp_path):
 def test_bad_workdirs_fail_at_once_in_one_line(tmp_path):
   """main.py: eval of an empty workdir (no checkpoints/ left behind, no traceback), a
   workdir that is a file; each exits non-zero with one 'error:' line."""
-  empty = _main(tmp_path / "empty", "--mode=eval", timeout=120)
+  empty = run_main(tmp_path / "empty", "--mode=eval", timeout=120)
   assert empty.returncode == errors.NoCheckpoint.exit_code, empty.stderr[-2000:]
   assert "error: no checkpoint in" in empty.stderr and "Traceback" not in empty.stderr
   assert not (tmp_path / "empty" / "checkpoints").exists()
   (tmp_path / "file").write_text("")
   start = time.time()
-  as_file = _main(tmp_path / "file", *TINY, timeout=120)
+  as_file = run_main(tmp_path / "file", *TINY, timeout=120)
   assert as_file.returncode == errors.RunError.exit_code, as_file.stderr[-2000:]
   assert f"error: workdir {tmp_path / 'file'} is not a writable directory" in as_file.stderr
   assert "devices:" not in as_file.stdout  # Before the data is loaded.
@@ -230,15 +233,17 @@ def test_sigterm_mid_run_exits_75_and_the_final_evaluation_is_not_cut_short(tmp_
 
   monkeypatch.setattr(train, "evaluate_accuracy", sigterm_in_final_eval)
   results = train.train_and_evaluate(config, tmp_path / "inproc")
-  assert results["steps"] == 6 and (tmp_path / "inproc" / "results.json").exists()
+  assert results["steps"] == total_steps(config)
+  assert (tmp_path / "inproc" / "results.json").exists()
 
 
 def test_resume_drops_rows_logged_after_the_checkpoint(trained, tmp_path):
-  """A run killed after logging step 6 but before saving it: the rerun resumes from 4 and
-  metrics.jsonl holds each step's rows once, as the uninterrupted run's."""
+  """A run killed after logging its last step but before saving it: the rerun resumes from
+  the checkpoint before, and metrics.jsonl holds each step's rows once, as the uninterrupted
+  run's."""
   config, run = _copy(trained, tmp_path)
   import shutil
-  shutil.rmtree(run / "checkpoints" / "6")
+  shutil.rmtree(run / "checkpoints" / str(LAST))
   train.train_and_evaluate(config, run)
   steps = lambda w: [json.loads(r)["step"] for r in (w / "metrics.jsonl").read_text().splitlines()]
   assert steps(run) == steps(trained[1])
@@ -254,9 +259,10 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
     time.sleep(moments.uniform(3, 15))
     proc.kill()
     proc.communicate()
-  final = _main(workdir, *TINY, timeout=300)
+  final = run_main(workdir, *TINY, timeout=300)
   assert final.returncode == 0, final.stderr[-3000:]
-  a, b = _saved_state(trained[1] / "checkpoints", 6), _saved_state(workdir / "checkpoints", 6)
+  a, b = (saved_state(trained[1] / "checkpoints", LAST),
+          saved_state(workdir / "checkpoints", LAST))
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

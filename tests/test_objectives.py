@@ -1,5 +1,5 @@
 """Each objective's loss on a tiny batch equals a NumPy computation of its formula
-(METHOD.md section 3) from the model's own train-mode logits on x and a fixed x'."""
+(docs/method.md section 3) from the model's own train-mode logits on x and a fixed x'."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -9,11 +9,10 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxdefense import parallel
-from tests.test_train import ROOT, TINY
+from tests.helpers import ROOT, TINY, saved_state, tiny_config, total_steps
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
@@ -66,7 +65,7 @@ def test_eight_devices_equal_one(tmp_path):
   assert sorted(one.files) == sorted(eight.files)
   for k in one.files:
     np.testing.assert_array_equal(eight[k], one[k], err_msg=k)
-  robust_after = [one[f"after/{name}"].mean() for name in ("apgd-ce", "apgd-t")]
+  robust_after = [one[f"after/{name}"].mean() for name in ("apgd_ce", "apgd_t")]
   assert 0 < robust_after[1] < robust_after[0] < 1, robust_after  # Both attacks broke points.
 
 
@@ -83,18 +82,6 @@ def _main(cwd, workdir, devices, *flags):
                            f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}:fsr",
                            f"--workdir={workdir}", *TINY, *flags], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _saved_state(checkpoints, step):
-  """The train state saved at `step`, as NumPy arrays by key path."""
-  path = checkpoints / str(step) / "state"
-  checkpointer = ocp.StandardCheckpointer()
-  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                        checkpointer.metadata(path).item_metadata.tree)
-  state = checkpointer.restore(path, target)
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def test_main_two_processes_equal_one_process(tmp_path):
@@ -125,7 +112,8 @@ def test_main_two_processes_equal_one_process(tmp_path):
     assert results[1][key] == pytest.approx(results[0][key]), key
   assert len(os.listdir(multi / "tensorboard")) == 1
   assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
-  a, b = _saved_state(single / "checkpoints", 6), _saved_state(multi / "checkpoints", 6)
+  steps = total_steps(tiny_config())
+  a, b = saved_state(single / "checkpoints", steps), saved_state(multi / "checkpoints", steps)
   assert a.keys() == b.keys() and any("ema" in k for k in a)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)

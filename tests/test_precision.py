@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdefense import attacks, defenses, models, objectives, train
+from jaxdefense import attacks, build, defenses, models, objectives, steps
 
 
 def _step(dtype, defense, objective="pgd_at"):
   model = models.create("wide_resnet", num_classes=4, defense=defenses.DefenseConfig(name=defense),
                         depth=10, width=1, dtype=dtype)
   tx = optax.sgd(0.1, momentum=0.9)
-  state = train.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), ema=False)
+  state = build.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), ema=False)
   objective = objectives.make(objective, model, model.defense,
                               objectives.AttackConfig(eps=0.1, step_size=0.03, steps=2))
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
                                    schedule=optax.constant_schedule(0.1),
                                    augment=lambda key, x: x, ema_decay=0.0))
   x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 1))

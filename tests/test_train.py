@@ -1,11 +1,8 @@
-"""The training program: an end-to-end main.py run, resume == uninterrupted, start-up
-errors for bad configs."""
-import importlib.util
+"""The training program: an end-to-end main.py run, resume == uninterrupted, schedules and
+the optimizer, a gs:// workdir (bad configs: tests/test_bad_input.py)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,44 +12,10 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX import record_writer
 
-from jaxdefense import analysis, checkpoint, data, evaluate, train
+from jaxdefense import analysis, build, checkpoint, data, evaluate, train, validation
 from jaxdefense.default_config import get as default_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The quick-start config shrunk to seconds on a 2-core CPU, for main.py (TINY, as flags) and
-# in-process runs (tiny_config): the same programs, so they share compiled code (conftest).
-TINY_OVERRIDES = {
-    "data.num_train": 96, "data.num_test": 48, "data.image_size": 8,
-    "model.kwargs.stage_sizes": (1, 1), "model.kwargs.width": 8,
-    "objective.attack.steps": 2, "eval_pgd.steps": 2, "optim.milestones": (1,),
-    "train.epochs": 2, "train.batch_size": 32, "train.eval_batch_size": 24,
-    "train.ema_decay": 0.5, "train.log_every_steps": 2, "train.checkpoint_every_steps": 2,
-    "train.eval_every_epochs": 1}
-TINY = [f"--config.{k}=" + (f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v))
-        for k, v in TINY_OVERRIDES.items()]
-
-
-def _main(workdir, *flags, config="configs/quickstart.py", env=None, timeout=300, cwd=ROOT):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
-                         f"--workdir={workdir}", *flags], cwd=cwd, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
-
-
-def tiny_config(defense="none", objective="pgd_at"):
-  spec = importlib.util.spec_from_file_location(
-      "quickstart_config", os.path.join(ROOT, "configs", "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(defense)
-  c.objective.name = objective
-  for key, value in TINY_OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return c
-
+from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, steps_per_epoch, tiny_config,
+                           total_steps)
 
 def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
   """main.py, started in another working directory with a relative --workdir, trains one
@@ -60,33 +23,39 @@ def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
   from its checkpoint and writes results.json, metrics.jsonl, TensorBoard events and
   checkpoints under that relative path."""
   config = os.path.join(ROOT, "configs", "quickstart.py")
-  first = _main("runs/tiny", *TINY, "--config.defense.name=fsr", "--config.train.epochs=1",
+  first = run_main("runs/tiny", *TINY, "--config.defense.name=fsr", "--config.train.epochs=1",
                 config=config, cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "devices: 1 x " in first.stdout
-  assert "96 train / 48 test" in first.stdout and "1 epochs x 3 steps = 3 steps" in first.stdout
+  k = steps_per_epoch(tiny_config())
+  assert "96 train / 48 test" in first.stdout and f"1 epochs x {k} steps = {k} steps" in first.stdout
   assert "defense:" in first.stdout  # The resolved config is printed.
-  run = _main("runs/tiny", *TINY, "--config.defense.name=fsr", config=config, cwd=tmp_path)
+  run = run_main("runs/tiny", *TINY, "--config.defense.name=fsr", config=config, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   workdir = tmp_path / "runs" / "tiny"
-  assert f"resumed from step 3 in {workdir}" in run.stdout
+  assert f"resumed from step {k} in {workdir}" in run.stdout
   results = json.loads((workdir / "results.json").read_text())
-  assert results["config"] == "quickstart" and results["epochs"] == 2 and results["steps"] == 6
+  assert results["config"] == "quickstart" and results["epochs"] == 2
+  assert results["steps"] == total_steps(tiny_config()) == 2 * k
   assert 0 <= results["robust_accuracy"] <= results["natural_accuracy"] <= 1
   assert results["num_examples"] == 48
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines if "train/loss" in l] == [2, 3, 4, 6]
+  c = tiny_config()
+  logged = lambda first, last: [s for s in range(first, last + 1)
+                                if s % c.train.log_every_steps == 0 or s == last]
+  assert [l["step"] for l in lines if "train/loss" in l] == logged(1, k) + logged(k + 1, 2 * k)
   assert any("fsr_recalibrated_ce" in k for l in lines for k in l)
   assert os.listdir(workdir / "tensorboard")
-  # Saved every 2 steps and at each epoch's evaluation (3, 6); the last 3 are kept.
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4", "6"]
+  # Saved every checkpoint_every_steps and at each epoch's evaluation; the last
+  # keep_checkpoints are kept.
+  assert sorted(map(int, os.listdir(workdir / "checkpoints"))) == kept_checkpoints(c)
 
 
 def _final_state(workdir, config):
-  dataset = train.load_data(config)
-  model = train.build_model(config, dataset.num_classes)
-  tx, _ = train.make_optimizer(config, len(dataset.train_labels) // config.train.batch_size)
-  target = jax.eval_shape(lambda: train.create_train_state(
+  dataset = build.load_data(config)
+  model = build.build_model(config, dataset.num_classes)
+  tx, _ = build.make_optimizer(config, steps_per_epoch(config))
+  target = jax.eval_shape(lambda: build.create_train_state(
       model, tx, jax.random.key(0), dataset.image_shape, ema=True))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
                                  keep=1)
@@ -101,7 +70,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
   parameters, BN statistics, optimizer state and EMA."""
   config = tiny_config(defense, objective)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  assert straight["steps"] == 6
+  assert straight["steps"] == total_steps(config)
 
   batches = data.train_batches
   seen = {"n": 0}
@@ -120,32 +89,15 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
   assert resumed == straight
   a, step_a = _final_state(tmp_path / "straight", config)
   b, step_b = _final_state(tmp_path / "resumed", config)
-  assert step_a == step_b == 6
+  assert step_a == step_b == total_steps(config)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--config.data.name=imagenet", "unknown data set 'imagenet'; allowed: cifar10, cifar100"),
-    ("--config.defense.name=dropout", "unknown defense 'dropout'; allowed: none, cas, fsr"),
-    ("--config.objective.name=awp", "unknown objective 'awp'; allowed: pgd_at, trades, mart"),
-    ("--config.objective.attack.eps=-0.1", "objective.attack.eps must be >= 0, got -0.1"),
-    ("--config.model.arch=resnet9", "unknown model.arch 'resnet9'"),
-    ("--config.train.batch_size=33",
-     "train.batch_size=33 must be a positive multiple of the device count 2"),
-])
-def test_bad_config_fails_at_startup(tmp_path, flag, message):
-  run = _main(tmp_path, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                                   "JAX_PLATFORMS": "cpu"},
-              timeout=120)
-  assert run.returncode != 0
-  assert message in run.stderr, run.stderr[-2000:]
-  assert not (tmp_path / "checkpoints").exists()
-
-
 def test_missing_tfds_data_set_is_a_clear_error(tmp_path):
-  run = _main(tmp_path / "run", f"--config.data.data_dir={tmp_path}", config="configs/resnet18_at.py",
+  run = run_main(tmp_path / "run", f"--config.data.data_dir={tmp_path}",
+              config="configs/fsr.py:resnet18,none",
               timeout=120)
   assert run.returncode != 0
   assert "cifar10" in run.stderr and str(tmp_path) in run.stderr and "tfds build" in run.stderr
@@ -156,16 +108,16 @@ def test_learning_rate_schedules():
   ends at 0."""
   c = default_config()
   c.optim.lr, c.optim.milestones, c.train.epochs = 0.1, (75, 90), 100
-  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([schedule(0), schedule(749), schedule(750), schedule(899),
                               schedule(900)], [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
   c.optim.schedule = "cosine"
-  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([schedule(0), schedule(500), schedule(1000)], [0.1, 0.05, 0.0],
                              atol=1e-7)
   c.optim.schedule = "step"
   with pytest.raises(ValueError, match="unknown optim.schedule 'step'"):
-    train.learning_rate_schedule(c, steps_per_epoch=10)
+    build.learning_rate_schedule(c, steps_per_epoch=10)
 
 
 def test_optimizer_is_torch_sgd():
@@ -173,7 +125,7 @@ def test_optimizer_is_torch_sgd():
   g += wd p; buf = m buf + g; p -= lr buf."""
   c = default_config()
   c.optim.schedule, c.optim.lr, c.optim.weight_decay, c.optim.momentum = "constant", 0.1, 0.01, 0.9
-  tx, _ = train.make_optimizer(c, steps_per_epoch=1)
+  tx, _ = build.make_optimizer(c, steps_per_epoch=1)
   p = {"w": np.array([1.0, -2.0], np.float32)}
   state = tx.init(p)
   buf = np.zeros(2)
@@ -224,7 +176,7 @@ def test_train_eval_and_analyze_on_a_gs_workdir(tmp_path, monkeypatch):
   written = set(os.listdir(bucket))
   assert {"results.json", "metrics.jsonl", "eval.json", "eval.md", "analysis.json",
           "analysis_layer2.0.png", "tensorboard", "checkpoints"} <= written, written
-  assert json.loads((bucket / "results.json").read_text())["steps"] == 3
+  assert json.loads((bucket / "results.json").read_text())["steps"] == total_steps(config)
   assert json.loads((bucket / "eval.json").read_text())["results"]["pgd20"]["num_points"] == 24
   assert os.listdir(bucket / "tensorboard")
   assert not [f for f in written if ".tmp-" in f]
@@ -237,16 +189,16 @@ def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
   from jaxdefense.attacks import losses
   from jaxdefense.models import ModelOutput
   cas, none = tiny_config("cas"), tiny_config()
-  assert train.eval_pgd_loss(none) is losses.cross_entropy
-  assert train.eval_pgd_title(none) == "PGD-2"
+  assert build.in_training_pgd_loss(none) is losses.cross_entropy
+  assert build.in_training_pgd_title(none) == "PGD-2"
   logits = np.array([[2.0, 0.0, -1.0]], np.float32)
   out = ModelOutput(logits, {"cas/layer2.0": np.array([[0.0, 3.0, 0.0]], np.float32)})
   labels = np.array([0])
   ce = float(losses.cross_entropy(out, labels)[0])
-  assert float(train.eval_pgd_loss(cas)(out, labels)[0]) > ce + 1  # + 2 x head CE (~3)
-  assert train.eval_pgd_title(cas) == "PGD-2 on the CAS loss"
+  assert float(build.in_training_pgd_loss(cas)(out, labels)[0]) > ce + 1  # + 2 x head CE (~3)
+  assert build.in_training_pgd_title(cas) == "PGD-2 on the CAS loss"
   cas.eval_pgd.loss = "ce"
-  assert train.eval_pgd_loss(cas) is losses.cross_entropy
+  assert build.in_training_pgd_loss(cas) is losses.cross_entropy
   cas.eval_pgd.loss = "margin"
   with pytest.raises(ValueError, match="unknown eval_pgd.loss 'margin'; allowed: auto, ce"):
-    train.eval_pgd_loss(cas)
+    validation.check_eval_pgd(cas)
