@@ -29,6 +29,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 from typing import Any, Iterator, Mapping
 
@@ -38,7 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxdefense import errors
+from jaxdefense import errors, paths
 
 BEST_MODES = ("max", "min")
 
@@ -140,6 +142,7 @@ class Checkpointer:
     step = int(step)
     if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
       return False
+    self.check_space(state, step)
     tracked = None
     if metrics is not None and self.best_metric in metrics:
       value = float(np.asarray(metrics[self.best_metric]))
@@ -150,6 +153,28 @@ class Checkpointer:
         step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                          _METADATA: ocp.args.JsonSave(meta)}),
         metrics=tracked, force=True)
+
+  def check_space(self, state: Any, step: int | None = None) -> None:
+    """WorkdirError, before anything is written, when the directory's disk (local paths)
+    has less free space than the state's arrays take, instead of a save that fails half
+    way in orbax's background threads."""
+    if paths.is_remote(self.directory):
+      return
+    needed = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(state))
+    existing = os.fspath(self.directory)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+      newest = self.latest_step()
+      resume = (f"it resumes from step {newest}" if newest is not None
+                else "nothing was saved yet")
+      what = "a checkpoint" if step is None else f"checkpoint step {step}"
+      raise errors.WorkdirError(
+          f"no space left for {what} in {self.directory}: it needs {needed / 2**20:.1f} MiB, "
+          f"{free / 2**20:.1f} MiB are free; free space there and rerun the same command "
+          f"({resume})")
 
   def all_steps(self) -> list[int]:
     """The saved steps, ascending (including one still being written asynchronously)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume.
 
@@ -82,5 +84,10 @@ def as_run_error(e: BaseException) -> RunError | None:
       return e
     if isinstance(e, OSError) and e.errno is not None:
       return _io_failure(e)
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(e))  # TensorStore's (orbax's) I/O.
+    if code:
+      path = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
+      number = int(code.group(1))
+      return _io_failure(OSError(number, os.strerror(number), path and path.group(1)))
     e = e.__cause__ or e.__context__
   return None

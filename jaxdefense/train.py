@@ -123,6 +123,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict
                                  best_metric=build.BEST_METRIC)
   writer = None
   try:
+    ckpt.check_space(state)
     restored = ckpt.restore(state)
     if restored is not None:
       state, _, _ = restored

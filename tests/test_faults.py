@@ -304,3 +304,56 @@ def test_eval_killed_mid_attack_resumes_to_the_same_eval_json(trained, tmp_path)
   differing = {f"{k}.{f}": (got[k].get(f), v) for k, r in expected.items()
                for f, v in r.items() if got.get(k, {}).get(f) != v}
   assert not differing and got.keys() == expected.keys(), differing
+
+
+def test_a_full_disk_stops_before_the_save_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """Less free space than a checkpoint takes: one WorkdirError naming the step, the
+  directory and the sizes, raised before orbax writes anything (no half-written step);
+  with space again the same command resumes from the last step saved and ends as an
+  uninterrupted run."""
+  import collections
+  import shutil
+  from jaxdefense import checkpoint
+  config = tiny_config()
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+  usage = shutil.disk_usage
+  full = lambda path: collections.namedtuple("Usage", "total used free")(1, 1, 0)
+  saves = []
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_fill(self, step, state, **kwargs):
+    saved = real_save(self, step, state, **kwargs)
+    saves.append(step)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", full)  # The disk fills up.
+    return saved
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_fill)
+  with pytest.raises(errors.WorkdirError, match=r"no space left for checkpoint step \d+ in "
+                     r".*checkpoints: it needs .* MiB, 0.0 MiB are free; free space there and "
+                     r"rerun the same command \(it resumes from step \d+\)"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not [d for d in os.listdir(tmp_path / "run" / "checkpoints") if "tmp" in d]
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", usage)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+  assert train.train_and_evaluate(config, tmp_path / "run") == straight
+
+
+def test_io_failures_anywhere_in_a_cause_chain_become_one_line():
+  """An OSError under another exception (as orbax wraps them), and TensorStore's own I/O
+  message, become WorkdirErrors naming the path and what to do; anything else stays a bug."""
+  import errno
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", "/data/run/checkpoints/7")
+    except OSError as e:
+      raise RuntimeError("save failed") from e
+  except RuntimeError as e:
+    fault = errors.as_run_error(e)
+  assert isinstance(fault, errors.WorkdirError) and fault.exit_code == 6
+  assert str(fault).startswith("No space left on device (/data/run/checkpoints/7): free space")
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "a/0.0" in OCDBT database at local '
+                           'file "/r/ckpt/": Failed writing: "/r/ckpt/d/12": Failed to write '
+                           "3 bytes to file 11: No space left on device [os_error_code='28']")
+  assert "(/r/ckpt/d/12): free space" in str(errors.as_run_error(tensorstore))
+  denied = errors.as_run_error(PermissionError(errno.EACCES, "Permission denied", "/ro/run"))
+  assert "Permission denied (/ro/run): make it writable" in str(denied)
+  assert errors.as_run_error(ValueError("a bug")) is None
