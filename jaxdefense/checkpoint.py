@@ -79,6 +79,13 @@ def _to_json(x: Any) -> Any:
   raise TypeError(f"checkpoint metadata must be JSON-serializable; got {type(x).__name__}: {x!r}")
 
 
+def _nbytes(x: Any) -> int:
+  """An array's size in bytes (a typed PRNG key's: its key data's)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+
+
 class Checkpointer:
   """Periodic, asynchronous checkpoints keeping the last `keep` steps plus the best one.
 
@@ -160,8 +167,7 @@ class Checkpointer:
     way in orbax's background threads."""
     if paths.is_remote(self.directory):
       return
-    needed = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(state))
+    needed = sum(_nbytes(x) for x in jax.tree.leaves(state))
     existing = os.fspath(self.directory)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
