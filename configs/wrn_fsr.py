@@ -1,4 +1,4 @@
-r"""The FSR paper's recipe for WRN-34-10 + FSR (Kim et al., CVPR 2023): `configs/fsr.py:wrn34_10,fsr`.
+r"""The FSR paper's recipe for WRN-34-10 + FSR (Kim et al., CVPR 2023): `fsr.py:wrn34_10,fsr`.
 
     python main.py --config=configs/wrn_fsr.py --workdir=workdirs/wrn_fsr
     python main.py --mode=eval --checkpoint=last --config=configs/wrn_fsr.py \

@@ -24,7 +24,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import attacks, build, data, defenses, guard, parallel, paths, protocols, validation
+from jaxdefense import (attacks, build, data, defenses, guard, parallel, paths, protocols,
+                        validation)
 from jaxdefense.protocols import EvalAttack
 
 # (x', labels, key) -> per point (correct, finite), each (N,): an attack bound to a model.

@@ -106,7 +106,7 @@ BOTH = ("linf", "l2")
 
 def suite(e: ml_collections.ConfigDict) -> dict[str, EvalAttack]:
   """Every attack the evaluation knows, configured from `config.eval`."""
-  ce, cw50, defense_loss = AttackLoss(), AttackLoss("cw", 50.0), AttackLoss("defense")
+  cw50, defense_loss = AttackLoss("cw", 50.0), AttackLoss("defense")
   heads_ce, heads_cw50 = AttackLoss(heads=True), AttackLoss("cw", 50.0, heads=True)
   options = {k: dict(v) for k, v in e.autoattack_options.items()}
   rand_options = {k: {"eot_samples": e.eot_samples, **options[k]}

@@ -46,8 +46,10 @@ TRAIN = [
     (["--config.eval_pgd.step_size=0"], "eval_pgd.step_size must be a finite number > 0", 2),
     (["--config.seed=-1"], "seed must be an integer >= 0, got -1", 2),
     (["--mode=fit"], "--mode=fit: value should be one of <train|eval|analyze>", 2),
-    (["--config.init_from=/nonexistent/run"], "no checkpoint in /nonexistent/run/checkpoints (config.init_from=", 6),
-    (["--config.eval.norm=l1"], "unknown eval.norm 'l1'; allowed: linf, l2", 2),  # Train checks eval.
+    (["--config.init_from=/nonexistent/run"],
+     "no checkpoint in /nonexistent/run/checkpoints (config.init_from=", 6),
+    # Training checks the evaluation's fields too.
+    (["--config.eval.norm=l1"], "unknown eval.norm 'l1'; allowed: linf, l2", 2),
 ]
 # The same with --mode=eval on an empty workdir (no checkpoint: checked after the config).
 EVAL = [
@@ -56,7 +58,7 @@ EVAL = [
     (["--config.eval.num_examples=400"], "eval.num_examples must be an integer in [0, 360]", 2),
     (["--config.eval.eps=nan"], "eval.eps must be finite, got nan", 2),
     (["--config.eval.eps=-1"], "eval.eps must be a finite number >= 0, got -1.0", 2),
-    (["--config.eval.protocol=robustbench"], "unknown eval.protocol 'robustbench'; allowed: fsr", 2),
+    (["--config.eval.protocol=robustbench"], "unknown eval.protocol 'robustbench'; allowed:", 2),
     (["--config.eval.attacks=('pgd7',)"], "unknown eval attack(s) ['pgd7']; allowed: fgsm", 2),
     (["--config.eval.norm=l2", "--config.eval.protocol=fsr"],
      "attack(s) ['fgsm', 'cw'] of protocol 'fsr' are L-inf only", 2),

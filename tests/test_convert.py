@@ -18,7 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdefense import build, convert, defenses, errors, layouts, models, parallel, train  # noqa: E402
+from jaxdefense import (build, convert, defenses, errors, layouts, models, parallel,  # noqa: E402
+                        train)
 from tests import torch_models as tm  # noqa: E402
 from tests.helpers import ROOT, TINY, load_config, tiny_config  # noqa: E402
 

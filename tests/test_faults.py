@@ -84,7 +84,8 @@ def test_no_intact_checkpoint_is_one_error_listing_every_step(trained, tmp_path)
   for step in KEPT:
     os.remove(run / "checkpoints" / str(step) / "state" / "_METADATA")
   tried = ": .*; ".join(f"step {s}" for s in reversed(KEPT))
-  with pytest.raises(errors.NoIntactCheckpoint, match=f"no checkpoint in .* restores; tried {tried}"):
+  with pytest.raises(errors.NoIntactCheckpoint,
+                     match=f"no checkpoint in .* restores; tried {tried}"):
     train.train_and_evaluate(config, run)
   assert sorted(map(int, os.listdir(run / "checkpoints"))) == KEPT  # Nothing moved.
 
@@ -111,8 +112,8 @@ def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
   good = tiny_config()
   train.train_and_evaluate(good, tmp_path / "good")
   target = jax.eval_shape(lambda: build.create_train_state(
-      build.build_model(good, 10), build.make_optimizer(good, steps_per_epoch(good))[0], jax.random.key(0),
-      (8, 8, 1), ema=True))
+      build.build_model(good, 10), build.make_optimizer(good, steps_per_epoch(good))[0],
+      jax.random.key(0), (8, 8, 1), ema=True))
   with Checkpointer(tmp_path / "good" / "checkpoints", save_every_steps=1, keep=5,
                     best_metric="pgd_accuracy") as ckpt:
     state, _, _ = ckpt.restore(target)
