@@ -194,7 +194,7 @@ def setup(arch: str, defense: str, dtype: str, steps: int):
   objective = objectives.make("pgd_at", model, defense_config, attack_config)
   augment = functools.partial(data.augment, **data.augmentation_for(config.data.name))
   step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
-                           augment=augment, ema_decay=0.0)
+                           augment=augment)
   # The training attack's loss, as `attack.loss="auto"` picks it in the step.
   loss = (attacks.losses.defense_loss(defense_config) if defense in defenses.LABELLED
           else attacks.losses.cross_entropy)

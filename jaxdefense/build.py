@@ -4,7 +4,7 @@ build their run here (the config is checked first, by `jaxdefense.validation`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -13,7 +13,8 @@ import ml_collections
 import optax
 from etils import epath
 
-from jaxdefense import checkpoint, data, defenses, errors, models, objectives, parallel, paths
+from jaxdefense import (checkpoint, data, defenses, errors, extra, models, objectives, parallel,
+                        paths)
 from jaxdefense.attacks import losses
 
 # The metric that ranks checkpoints for `--checkpoint=best`: the in-training PGD accuracy.
@@ -41,6 +42,29 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
                    image_size=d.image_size)
 
 
+def open_extra(config: ml_collections.ConfigDict,
+               dataset: data.Dataset) -> extra.ExtraSource | None:
+  """The extra (generated) images of `data.extra`, checked against the real data's image
+  shape and classes (one `errors.DataError` line naming a faulty file); None without."""
+  if not config.data.extra:
+    return None
+  return extra.open_sources(tuple(config.data.extra), image_shape=dataset.image_shape,
+                            num_classes=dataset.num_classes)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_real: int) -> int:
+  """Steps per epoch: full batches of the real set (num_real // B) without extra data;
+  with it, by `data.epoch_steps`: "real", one pass over the real images at R real ones a
+  batch (num_real // R), or "batch", ceil(num_real / B) steps (DM-Improves-AT's count)."""
+  batch_size = config.train.batch_size
+  if not config.data.extra:
+    return data.steps_per_epoch(num_real, batch_size)
+  if config.data.epoch_steps == "real":
+    real, _ = extra.check_batch(batch_size, config.data.extra_fraction)
+    return num_real // real
+  return -(-num_real // batch_size)
+
+
 def defense_config(config: ml_collections.ConfigDict) -> defenses.DefenseConfig:
   d = config.defense
   return defenses.DefenseConfig(
@@ -62,29 +86,75 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: str 
                        **config.model.kwargs.to_dict())
 
 
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """optim.lr, or optim.lr x batch_size / lr_reference_batch when that is set (DeepMind's
+  0.1 x B / 256)."""
+  o = config.optim
+  if o.lr_reference_batch:
+    return o.lr * config.train.batch_size / o.lr_reference_batch
+  return o.lr
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
-  """Piecewise-constant (x decay_factor after each milestone epoch), cosine or constant."""
+  """A linear warm-up from 0 over `optim.warmup_epochs`, then piecewise-constant
+  (x decay_factor after each milestone epoch, counted from step 0), cosine decay to 0 at
+  the last step (over the steps after the warm-up) or constant."""
   o = config.optim
+  lr = peak_learning_rate(config)
+  total = config.train.epochs * steps_per_epoch
+  warmup = int(round(o.warmup_epochs * steps_per_epoch))
   if o.schedule == "piecewise":
     boundaries = {int(m * steps_per_epoch): o.decay_factor for m in o.milestones}
-    return optax.piecewise_constant_schedule(o.lr, boundaries)
-  if o.schedule == "cosine":
-    return optax.cosine_decay_schedule(o.lr, max(config.train.epochs * steps_per_epoch, 1))
-  if o.schedule == "constant":
-    return optax.constant_schedule(o.lr)
-  raise ValueError(f"unknown optim.schedule {o.schedule!r}; allowed: piecewise, cosine, constant")
+    main = optax.piecewise_constant_schedule(lr, boundaries)
+  elif o.schedule == "cosine":
+    cosine = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+    main = lambda step: cosine(step - warmup)
+  elif o.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown optim.schedule {o.schedule!r}; allowed: piecewise, cosine, "
+                     "constant")
+  if not warmup:
+    return main
+  return lambda step: jnp.where(step < warmup, lr * step / warmup, main(step))
+
+
+def _not_batchnorm(params: Any) -> Any:
+  """False for the parameters of BatchNorm layers (the modules holding a `scale`: scale and
+  bias), True for every other (convolution and dense kernels and biases)."""
+  if not isinstance(params, dict):
+    return True
+  if "scale" in params:
+    return jax.tree.map(lambda _: False, params)
+  return {k: _not_batchnorm(v) for k, v in params.items()}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum and L2 weight decay on every parameter, as torch.optim.SGD does:
-  g <- g + wd * w, then the (Nesterov) momentum step at the schedule's rate."""
+  """SGD with momentum and L2 weight decay, as torch.optim.SGD does: g <- g + wd * w (on
+  every parameter, or all but BatchNorm's with optim.decay_batchnorm=False), then the
+  (Nesterov) momentum step at the schedule's rate."""
+  o = config.optim
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  tx = optax.chain(optax.add_decayed_weights(config.optim.weight_decay),
-                   optax.sgd(schedule, momentum=config.optim.momentum,
-                             nesterov=config.optim.nesterov))
+  mask = None if o.decay_batchnorm else _not_batchnorm
+  tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=mask),
+                   optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
   return tx, schedule
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """The EMA's decay at update `step` (0-based): train.ema_decay, or with the "warmup"
+  schedule 0 for the first ema_warmup_steps updates and then
+  min(ema_decay, (1 + d) / (10 + d)), d = step - ema_warmup_steps."""
+  t = config.train
+  if t.ema_schedule == "constant":
+    return lambda step: jnp.asarray(t.ema_decay, jnp.float32)
+
+  def decay(step):
+    d = (step - t.ema_warmup_steps).astype(jnp.float32)
+    return jnp.where(d < 0, 0.0, jnp.minimum(t.ema_decay, (1 + d) / (10 + d)))
+  return decay
 
 
 def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape,

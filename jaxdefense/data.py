@@ -34,6 +34,7 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10, "synthe
 # (train, test) points of each data set with fixed splits (synthetic's are its options).
 SPLIT_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032),
                "digits": (1437, 360)}
+SYNTHETIC_SIZES = (1024, 256)  # synthetic's (train, test) points unless num_train / num_test.
 DIGITS_TEST_SIZE = SPLIT_SIZES["digits"][1]
 DIGITS_SPLIT_SEED = 0
 _READ_CHUNK = 1024
@@ -98,8 +99,8 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, num_train: int
   check_options(name, data_dir=data_dir, num_train=num_train, num_test=num_test,
                 image_size=image_size)
   if name == "synthetic":
-    dataset = synthetic(num_train=1024 if num_train is None else num_train,
-                        num_test=256 if num_test is None else num_test,
+    dataset = synthetic(num_train=SYNTHETIC_SIZES[0] if num_train is None else num_train,
+                        num_test=SYNTHETIC_SIZES[1] if num_test is None else num_test,
                         image_size=32 if image_size is None else image_size,
                         channels=3 if channels is None else channels,
                         num_classes=10 if num_classes is None else num_classes, seed=seed)

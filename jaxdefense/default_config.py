@@ -23,6 +23,16 @@ def get() -> ml_collections.ConfigDict:
   c.data.num_train = config_dict.placeholder(int)  # Keep the first N training points.
   c.data.num_test = config_dict.placeholder(int)   # Keep the first N test points.
   c.data.image_size = config_dict.placeholder(int)  # digits / synthetic only.
+  # Extra labelled images mixed into every batch (generated data): files or globs, local or
+  # gs://, each an .npz with `image` uint8 (N, H, W, C) and `label`, or a directory made by
+  # `python -m jaxdefense.extra prepare` (random access, never held whole in memory).
+  c.data.extra = ()
+  c.data.extra_fraction = 0.0         # Every global batch holds round(f x batch) extra images.
+  # How many steps an epoch is when extra data is mixed in: "real" = one pass over the real
+  # training set's share of the batches (num_train // real images per batch); "batch" =
+  # ceil(num_train / batch_size) steps (the real set's size in batches, as DM-Improves-AT).
+  c.data.epoch_steps = "real"
+  c.data.buffer_batches = 4           # Batches read ahead on each host (bounds host memory).
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # See jaxdefense.models.ARCHITECTURES.
@@ -46,6 +56,14 @@ def get() -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "pgd_at"         # pgd_at | trades | mart | natural
   c.objective.beta = 6.0              # TRADES / MART robust-term weight.
+  # Label smoothing s of the objective's cross-entropy on the labels, (1 - s) onehot + s / K,
+  # on every example ("all") or on the extra (generated) examples only ("extra").
+  c.objective.label_smoothing = 0.0
+  c.objective.label_smoothing_on = "all"
+  # AWP (Wu et al. 2020): the weights perturbed layer-wise by gamma x ||w|| in the
+  # direction that increases the loss before each update, removed after it; 0 turns it off.
+  c.objective.awp_gamma = 0.0
+  c.objective.awp_warmup_epochs = 0   # Completed epochs before AWP starts.
   c.objective.attack = ml_collections.ConfigDict()
   c.objective.attack.eps = 8 / 255
   c.objective.attack.step_size = 2 / 255
@@ -57,7 +75,12 @@ def get() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.nesterov = False
   c.optim.weight_decay = 5e-4
+  c.optim.decay_batchnorm = True      # False: no weight decay on BatchNorm scales and biases.
   c.optim.schedule = "piecewise"      # piecewise | cosine | constant
+  # Linear warm-up from 0 over the first warmup_epochs (any schedule), then the schedule.
+  c.optim.warmup_epochs = 0.0
+  # > 0: the learning rate is lr x batch_size / lr_reference_batch (DeepMind: 0.1 x B / 256).
+  c.optim.lr_reference_batch = 0
   # Completed epochs after which lr *= decay_factor (piecewise). The authors' scripts drop
   # from their 1-based epoch 75 and 90 on, i.e. after 74 and 89 completed epochs.
   c.optim.milestones = (74, 89)
@@ -67,6 +90,14 @@ def get() -> ml_collections.ConfigDict:
   c.train.epochs = 100
   c.train.batch_size = 128            # Global batch, split over all devices.
   c.train.ema_decay = 0.0             # 0 turns the weight EMA off; else it is evaluated.
+  # constant: decay ema_decay at every step. warmup: decay 0 (the EMA copies the weights)
+  # for the first ema_warmup_steps updates, then min(ema_decay, (1 + d) / (10 + d)) with d
+  # the updates since (DeepMind's and Wang et al.'s dynamic decay).
+  c.train.ema_schedule = "constant"
+  c.train.ema_warmup_steps = 0
+  # average: the EMA averages BatchNorm statistics too; live: it takes the model's (both
+  # generated-data recipes average the parameters only).
+  c.train.ema_batch_stats = "average"
   c.train.log_every_steps = 50
   c.train.eval_every_epochs = 5
   c.train.eval_examples = 1000        # Test points for in-training evaluation (0 = all).

@@ -1,9 +1,14 @@
 """Training objectives (docs/method.md section 3), each with the defense's auxiliary loss.
 
-Every objective is a pure function `(params, batch_stats, batch, rng) -> (loss, (metrics,
-new_batch_stats))` built by `make`; `batch` holds float32 images in [0, 1] (augmented) and
-int labels. Adversarial examples are generated with the model as deployed (eval mode), the
-update runs in train mode, as in the authors' code.
+`make` builds an `Objective`, split at the adversarial examples: `attack(params, batch_stats,
+batch, rng) -> x'` generates them with the model as deployed (eval mode, parameters held
+fixed), `loss(params, batch_stats, batch, x', rng) -> (loss, (metrics, new_batch_stats))` is
+the training loss in train mode, as in the authors' code; calling the objective is `loss` at
+`attack`'s x'. `batch` holds float32 images in [0, 1] (augmented), int labels and, optionally,
+each example's label smoothing s (`"label_smoothing"`, (N,)): CE_s below is the CE on the
+targets (1 - s) onehot(y) + s / K, the plain CE without it. Only the main head's supervised CE
+is smoothed (natural's, PGD-AT's, TRADES' natural term); the defenses' auxiliary CEs, the KL
+terms and the attacks keep the hard labels; MART refuses s > 0 (`check_label_smoothing`).
 """
 from __future__ import annotations
 
@@ -20,7 +25,25 @@ from jaxdefense.attacks import losses
 from jaxdefense.defenses import outputs
 
 NAMES = ("pgd_at", "trades", "mart", "natural")
-Objective = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+LABEL_SMOOTHING_ON = ("all", "extra")
+LossOutput = tuple[jax.Array, tuple[dict[str, jax.Array], Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A training objective as its attack and its loss (module docstring).
+
+  Both parts take the step's `rng` and draw disjoint subkeys from it, so
+  `objective(params, batch_stats, batch, rng)` = `loss(params, batch_stats, batch,
+  attack(params, batch_stats, batch, rng), rng)`, differentiable in `params` through the
+  loss only; AWP (`jaxdefense.awp`) evaluates `loss` at other weights on the same x'.
+  """
+  attack: Callable[..., jax.Array | None]
+  loss: Callable[..., LossOutput]
+
+  def __call__(self, params, batch_stats, batch: dict, rng: jax.Array) -> LossOutput:
+    x_adv = self.attack(params, batch_stats, batch, rng)
+    return self.loss(params, batch_stats, batch, x_adv, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +75,17 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def _supervised_ce(logits: jax.Array, labels: jax.Array, batch: dict) -> jax.Array:
+  """Per-example CE on the targets (1 - s) onehot(y) + s / K, s = batch["label_smoothing"]:
+  (1 - s) CE(z, y) + s mean_k(-log softmax(z)_k); the plain CE(z, y) when the batch has no s."""
+  ce = _ce(logits, labels)
+  if "label_smoothing" not in batch:
+    return ce
+  s = batch["label_smoothing"]
+  uniform = -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+  return (1 - s) * ce + s * uniform
+
+
 def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
@@ -69,14 +103,50 @@ def check_name(name: str, defense: str) -> None:
                      "PGD-AT only); allowed: pgd_at, natural")
 
 
+def _check_smoothing_on(on: str) -> None:
+  if on not in LABEL_SMOOTHING_ON:
+    raise ValueError(f"unknown objective.label_smoothing_on {on!r}; allowed: "
+                     f"{', '.join(LABEL_SMOOTHING_ON)}")
+
+
+def check_label_smoothing(name: str, smoothing: float, on: str = "all") -> None:
+  """ValueError unless label smoothing `smoothing` on the examples `on` fits objective `name`.
+
+  MART refuses s > 0: its boosted CE is no CE on a target distribution, and the code with
+  label smoothing (wzekai99/DM-Improves-AT) smooths TRADES' natural CE only."""
+  if not 0 <= smoothing < 1:
+    raise ValueError(f"objective.label_smoothing must be in [0, 1), got {smoothing}")
+  _check_smoothing_on(on)
+  if name == "mart" and smoothing > 0:
+    raise ValueError(f"objective.label_smoothing={smoothing} is not defined for MART (its "
+                     "boosted CE is no cross-entropy on smoothed targets); use 0 with mart")
+
+
+def smoothing_per_example(smoothing: float, on: str, extra: jax.Array) -> jax.Array:
+  """The batch's `"label_smoothing"` (N,) float32: s on every example (`on="all"`, Wang et
+  al. 2023) or on the extra (generated) ones only (`"extra"`, Gowal et al. 2021); `extra` is
+  the batch's (N,) bool mask of extra examples."""
+  _check_smoothing_on(on)
+  chosen = jnp.ones(extra.shape, bool) if on == "all" else extra.astype(bool)
+  return jnp.where(chosen, smoothing, 0.0).astype(jnp.float32)
+
+
 def make(name: str, model: Any, defense: defenses.DefenseConfig, attack: AttackConfig, *,
-         beta: float = 6.0) -> Objective:
-  """The objective `name` for `model` hosting `defense`; `beta` is TRADES' / MART's."""
+         beta: float = 6.0, label_smoothing: float = 0.0) -> Objective:
+  """The objective `name` for `model` hosting `defense`; `beta` is TRADES' / MART's.
+  `label_smoothing` is the configured s, only checked here (`check_label_smoothing`): the
+  loss reads each example's s from the batch."""
   check_name(name, defense.name)
+  check_label_smoothing(name, label_smoothing)
   if beta < 0:
     raise ValueError(f"objective.beta must be >= 0, got {beta}")
-  fn = {"pgd_at": pgd_at, "trades": trades, "mart": mart, "natural": natural}[name]
-  return functools.partial(fn, model=model, defense=defense, attack=attack, beta=beta)
+  loss = {"pgd_at": pgd_at, "trades": trades, "mart": mart, "natural": natural}[name]
+  loss = functools.partial(loss, model=model, defense=defense, beta=beta)
+  if name == "natural":
+    return Objective(attack=no_attack, loss=loss)
+  attack_fn = {"pgd_at": pgd_at_attack, "trades": trades_attack, "mart": mart_attack}[name]
+  return Objective(attack=functools.partial(attack_fn, model=model, defense=defense,
+                                            attack=attack), loss=loss)
 
 
 def _forward_train(model, params, batch_stats, x, labels, key):
@@ -95,29 +165,40 @@ def _aux_mean(defense, out, labels) -> tuple[jax.Array, dict[str, jax.Array]]:
   return jnp.mean(aux), {k: jnp.mean(v) for k, v in parts.items()}
 
 
-def natural(params, batch_stats, batch, rng, *, model, defense, attack, beta):
-  """Standard training: CE(f(x), y) + the defense's auxiliary loss."""
-  del attack, beta
+def no_attack(params, batch_stats, batch, rng) -> None:
+  """Natural training's attack: no adversarial examples."""
+  del params, batch_stats, batch, rng
+
+
+def natural(params, batch_stats, batch, x_adv, rng, *, model, defense, beta):
+  """Standard training: CE_s(f(x), y) + the defense's auxiliary loss."""
+  del x_adv, beta
   labels = batch["labels"]
   out, new_stats = _forward_train(model, params, batch_stats, batch["images"], labels, rng)
-  ce = jnp.mean(_ce(out.logits, labels))
+  ce = jnp.mean(_supervised_ce(out.logits, labels, batch))
   aux, parts = _aux_mean(defense, out, labels)
   loss = ce + aux
   return loss, ({"loss": loss, "ce": ce, "accuracy": _accuracy(out.logits, labels), **parts},
                 new_stats)
 
 
-def pgd_at(params, batch_stats, batch, rng, *, model, defense, attack, beta):
-  """Madry et al.: CE on PGD examples (+ the defense's auxiliary loss on them)."""
+def pgd_at_attack(params, batch_stats, batch, rng, *, model, defense, attack):
+  """PGD-AT's x': PGD on the attack loss from a uniform random start (section 3.2)."""
+  attack_key, _ = jax.random.split(rng)
+  x_adv = attacks.pgd(_deployed(model, params, batch_stats), batch["images"], batch["labels"],
+                      attack_key, eps=attack.eps, step_size=attack.step_size,
+                      steps=attack.steps, loss=losses.attack_loss(attack.loss, defense))
+  return jax.lax.stop_gradient(x_adv)
+
+
+def pgd_at(params, batch_stats, batch, x_adv, rng, *, model, defense, beta):
+  """Madry et al.: CE_s(f(x'), y) on the PGD examples (+ the defense's auxiliary loss on
+  them)."""
   del beta
-  attack_key, gumbel_key = jax.random.split(rng)
-  x, labels = batch["images"], batch["labels"]
-  x_adv = attacks.pgd(_deployed(model, params, batch_stats), x, labels, attack_key,
-                      eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                      loss=losses.attack_loss(attack.loss, defense))
-  out, new_stats = _forward_train(model, params, batch_stats, jax.lax.stop_gradient(x_adv),
-                                  labels, gumbel_key)
-  ce = jnp.mean(_ce(out.logits, labels))
+  _, gumbel_key = jax.random.split(rng)
+  labels = batch["labels"]
+  out, new_stats = _forward_train(model, params, batch_stats, x_adv, labels, gumbel_key)
+  ce = jnp.mean(_supervised_ce(out.logits, labels, batch))
   aux, parts = _aux_mean(defense, out, labels)
   loss = ce + aux
   return loss, ({"loss": loss, "ce": ce, "adv_accuracy": _accuracy(out.logits, labels),
@@ -141,14 +222,16 @@ def _combine(defense, nat, adv, labels, natural_term, robust, beta, metrics, sta
   return loss, (metrics, stats)
 
 
-def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
-  """Zhang et al.: CE(f(x), y) + beta KL(f(x) || f(x')), x' maximising that KL from
-  x + 0.001 N(0, 1); BatchNorm's running statistics updated on x, x', x as the original
-  code's three train-mode passes do. With CAS (Bai et al.'s trades_reg; two passes, x and
-  x'): + CAS-beta * mean CAS CE on x in
-  the natural part and + CAS-beta * mean_k KL(CAS_k(x) || CAS_k(x')) in the robust part,
-  also in the attack's KL. With FSR: + its auxiliary loss on x'."""
-  start_key, nat_key, adv_key = jax.random.split(rng, 3)
+def _start(rng: jax.Array, x: jax.Array) -> jax.Array:
+  """TRADES' and MART's PGD start x + 0.001 N(0, 1), from the first of rng's three subkeys."""
+  start_key, _, _ = jax.random.split(rng, 3)
+  return x + 0.001 * jax.random.normal(start_key, x.shape)
+
+
+def trades_attack(params, batch_stats, batch, rng, *, model, defense, attack):
+  """TRADES' x': PGD on KL(f(x) || f(x')), f(x) the deployed model's and held fixed, from
+  x + 0.001 N(0, 1); with CAS (Bai et al.'s trades_reg) + CAS-beta * mean_k
+  KL(CAS_k(x) || CAS_k(x'))."""
   x, labels = batch["images"], batch["labels"]
   deployed = _deployed(model, params, batch_stats)
   clean = deployed(x)
@@ -158,11 +241,20 @@ def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
     cas = _cas_kl(clean.aux, out.aux)
     return kl + defense.beta * sum(cas) / len(cas) if cas else kl
 
-  x_init = x + 0.001 * jax.random.normal(start_key, x.shape)
   x_adv = attacks.pgd(deployed, x, labels, eps=attack.eps, step_size=attack.step_size,
-                      steps=attack.steps, random_start=False, x_init=x_init,
+                      steps=attack.steps, random_start=False, x_init=_start(rng, x),
                       loss=attack_kl if defense.name == "cas" else losses.trades_kl(clean.logits))
-  x_adv = jax.lax.stop_gradient(x_adv)
+  return jax.lax.stop_gradient(x_adv)
+
+
+def trades(params, batch_stats, batch, x_adv, rng, *, model, defense, beta):
+  """Zhang et al.: CE_s(f(x), y) + beta KL(f(x) || f(x')), f(x) from the train-mode pass;
+  BatchNorm's running statistics updated on x, x', x as the original code's three train-mode
+  passes do. With CAS (Bai et al.'s trades_reg; two passes, x and x'): + CAS-beta * mean CAS
+  CE on x in the natural part and + CAS-beta * mean_k KL(CAS_k(x) || CAS_k(x')) in the
+  robust part. With FSR: + its auxiliary loss on x'."""
+  _, nat_key, adv_key = jax.random.split(rng, 3)
+  x, labels = batch["images"], batch["labels"]
   nat, stats = _forward_train(model, params, batch_stats, x, labels, nat_key)
   adv, stats = _forward_train(model, params, stats, x_adv, labels, adv_key)
   if defense.name != "cas":
@@ -170,7 +262,7 @@ def trades(params, batch_stats, batch, rng, *, model, defense, attack, beta):
     # pass: the same logits as `nat` (batch statistics, same rng), one more update of
     # BatchNorm's running statistics. CAS's trades_reg makes two passes.
     _, stats = _forward_train(model, params, stats, x, labels, nat_key)
-  ce = jnp.mean(_ce(nat.logits, labels))
+  ce = jnp.mean(_supervised_ce(nat.logits, labels, batch))
   robust = jnp.mean(losses.kl_divergence(nat.logits, adv.logits))
   metrics = {"ce": ce, "kl": robust}
   if defense.name == "cas":
@@ -192,18 +284,23 @@ def _boosted_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return _ce(logits, labels) - jnp.log(1.0001 - p_wrong + 1e-12)
 
 
-def mart(params, batch_stats, batch, rng, *, model, defense, attack, beta):
-  """Wang et al.: BCE(f(x'), y) + beta KL(f(x) || f(x')) (1 - p_y(x)), x' from PGD on the
-  attack loss starting at x + 0.001 N(0, 1). With CAS (Bai et al.'s mart_reg): the same
-  BCE and weighted KL on every CAS head, averaged and scaled by CAS-beta, the weight
-  1 - p_y(x) taken from the main head. With FSR: + its auxiliary loss on x'."""
-  start_key, nat_key, adv_key = jax.random.split(rng, 3)
+def mart_attack(params, batch_stats, batch, rng, *, model, defense, attack):
+  """MART's x': PGD on the attack loss from x + 0.001 N(0, 1)."""
+  x = batch["images"]
+  x_adv = attacks.pgd(_deployed(model, params, batch_stats), x, batch["labels"],
+                      eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                      random_start=False, x_init=_start(rng, x),
+                      loss=losses.attack_loss(attack.loss, defense))
+  return jax.lax.stop_gradient(x_adv)
+
+
+def mart(params, batch_stats, batch, x_adv, rng, *, model, defense, beta):
+  """Wang et al.: BCE(f(x'), y) + beta KL(f(x) || f(x')) (1 - p_y(x)). With CAS (Bai et
+  al.'s mart_reg): the same BCE and weighted KL on every CAS head, averaged and scaled by
+  CAS-beta, the weight 1 - p_y(x) taken from the main head. With FSR: + its auxiliary loss
+  on x'. Label smoothing does not apply (`check_label_smoothing`)."""
+  _, nat_key, adv_key = jax.random.split(rng, 3)
   x, labels = batch["images"], batch["labels"]
-  x_init = x + 0.001 * jax.random.normal(start_key, x.shape)
-  x_adv = attacks.pgd(_deployed(model, params, batch_stats), x, labels, eps=attack.eps,
-                      step_size=attack.step_size, steps=attack.steps, random_start=False,
-                      x_init=x_init, loss=losses.attack_loss(attack.loss, defense))
-  x_adv = jax.lax.stop_gradient(x_adv)
   nat, stats = _forward_train(model, params, batch_stats, x, labels, nat_key)
   adv, stats = _forward_train(model, params, stats, x_adv, labels, adv_key)
   p_true = jnp.take_along_axis(jax.nn.softmax(nat.logits.astype(jnp.float32)),

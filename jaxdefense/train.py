@@ -6,11 +6,12 @@ step's randomness is `fold_in(seed key, step)`, and the checkpoint holds the who
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -18,7 +19,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import (build, checkpoint, data, errors, guard, metric_writer, objectives,
+from jaxdefense import (build, checkpoint, data, errors, extra, guard, metric_writer, objectives,
                         parallel, paths, steps, validation)
 from jaxdefense.build import TrainState
 from jaxdefense.metric_writer import MetricWriter
@@ -76,6 +77,7 @@ class _Run:
   workdir: epath.Path
   mesh: Any
   dataset: data.Dataset
+  source: extra.ExtraSource | None
   steps_per_epoch: int
   total_steps: int
   step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
@@ -88,19 +90,23 @@ class _Run:
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
   is_main = jax.process_index() == 0
   dataset = build.load_data(config)
+  source = build.open_extra(config, dataset)
   model = build.build_model(config, dataset.num_classes)
   batch_size = config.train.batch_size
-  steps_per_epoch = data.steps_per_epoch(len(dataset.train_labels), batch_size)
+  steps_per_epoch = build.steps_per_epoch(config, len(dataset.train_labels))
   if steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={batch_size} exceeds the "
                              f"{len(dataset.train_labels)} training points of {dataset.name}")
   total_steps = config.train.epochs * steps_per_epoch
   if is_main:
     print(f"config:\n{config}", flush=True)
+    mixed = "" if source is None else (
+        f"; extra data: {source.num_examples} images of {len(source.paths)} file(s), "
+        f"{round(config.data.extra_fraction * batch_size)} of every batch of {batch_size}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
           f"({jax.process_count()} process(es)); data set {dataset.name}: "
           f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
-          f"{dataset.num_classes} classes, images {dataset.image_shape}; "
+          f"{dataset.num_classes} classes, images {dataset.image_shape}{mixed}; "
           f"{config.train.epochs} epochs x {steps_per_epoch} steps = {total_steps} steps",
           flush=True)
 
@@ -109,11 +115,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict
                                    ema=build.uses_ema(config))
   state = parallel.replicate(mesh, state)
   objective = objectives.make(config.objective.name, model, build.defense_config(config),
-                              build.attack_config(config), beta=config.objective.beta)
+                              build.attack_config(config), beta=config.objective.beta,
+                              label_smoothing=config.objective.label_smoothing)
   augment = functools.partial(data.augment, **data.augmentation_for(dataset.name))
   step_fn = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
                                       schedule=schedule, augment=augment,
-                                      ema_decay=float(config.train.ema_decay)),
+                                      recipe=steps.Recipe.from_config(config, steps_per_epoch)),
                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, pgd=config.eval_pgd,
                                       loss=build.in_training_pgd_loss(config)))
@@ -133,12 +140,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict
       state = build.initialize_from(config, state, model, dataset.image_shape, mesh)
     # Rows and events logged after the checkpoint (by a run killed later) are dropped.
     writer = MetricWriter(workdir, resume_step=int(state.step) if restored else None)
-    run = _Run(config=config, workdir=workdir, mesh=mesh, dataset=dataset,
+    run = _Run(config=config, workdir=workdir, mesh=mesh, dataset=dataset, source=source,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_fn=step_fn,
                eval_fn=eval_fn, ckpt=ckpt, writer=writer, is_main=is_main)
     return _loop(run, state)
   finally:
     ckpt.close()
+    if source is not None:
+      source.close()
     if writer is not None:
       writer.close()
 
@@ -202,6 +211,27 @@ def _evaluate(run: _Run, state: TrainState, *, step: int, epoch: int) -> dict:
   return result
 
 
+def _batches(run: _Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of the global batches of steps start_step .. total_steps - 1, a
+  function of (seed, step): the real set's epochs in seeded order, or with extra data
+  `extra.batches` (real and extra images mixed in every batch, read ahead on threads, with
+  the mask `"extra"`)."""
+  c = run.config
+  common = dict(seed=c.seed, batch_size=c.train.batch_size, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if run.source is not None:
+    yield from extra.batches(run.dataset, run.source, start_step=start_step,
+                             num_steps=run.total_steps - start_step,
+                             extra_fraction=c.data.extra_fraction,
+                             buffer_batches=c.data.buffer_batches, **common)
+    return
+  for epoch in range(start_step // run.steps_per_epoch, c.train.epochs):
+    first = start_step % run.steps_per_epoch if epoch == start_step // run.steps_per_epoch else 0
+    for images, labels in data.train_batches(run.dataset, epoch=epoch, start_step=first,
+                                             **common):
+      yield {"images": images, "labels": labels}
+
+
 def _loop(run: _Run, state: TrainState) -> dict:
   """Steps from `state.step` to the end: logs, evaluations and saves on their schedules;
   saves and returns `{"preempted": True, ...}` at a preemption notice."""
@@ -210,46 +240,42 @@ def _loop(run: _Run, state: TrainState) -> dict:
   pending = _PendingMetrics()
   last_eval = None
   start_time = time.time()
-  with run.ckpt.preemption_guard(), tqdm.tqdm(total=run.total_steps, initial=step,
-                                              disable=not run.is_main, desc=c.name,
-                                              unit="step") as bar:
-    while step < run.total_steps:
+  with (run.ckpt.preemption_guard(),
+        tqdm.tqdm(total=run.total_steps, initial=step, disable=not run.is_main, desc=c.name,
+                  unit="step") as bar,
+        contextlib.closing(_batches(run, step)) as batches):
+    for local in batches:
+      batch = parallel.shard_batch(run.mesh, local)
+      state, metrics = run.step_fn(state, batch)
+      del batch, local
       epoch = step // run.steps_per_epoch
-      for images, labels in data.train_batches(
-          run.dataset, batch_size=c.train.batch_size, seed=c.seed, epoch=epoch,
-          start_step=step % run.steps_per_epoch, process_index=jax.process_index(),
-          process_count=jax.process_count()):
-        batch = parallel.shard_batch(run.mesh, {"images": images, "labels": labels})
-        state, metrics = run.step_fn(state, batch)
-        step += 1
-        pending.add(step, metrics)
-        if step % c.train.log_every_steps == 0 or step == run.total_steps:
-          _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
-                     bar=bar)
-        bar.update(1)
-        end_of_epoch = step % run.steps_per_epoch == 0
-        completed = step // run.steps_per_epoch
-        metadata = {"epoch": completed, "config": c.name}
-        if end_of_epoch and (completed % c.train.eval_every_epochs == 0
-                             or step == run.total_steps):
-          pending.fetch(run)
-          last_eval = _evaluate(run, state, step=step, epoch=completed)
-          run.ckpt.save(step, state, force=True, metadata=metadata,
-                        metrics={build.BEST_METRIC: last_eval["pgd_accuracy"]})
-        elif step % c.train.checkpoint_every_steps == 0:
-          pending.fetch(run)
-          run.ckpt.save(step, state, metadata=metadata)
-        # The last step finishes the run (results below) even if SIGTERM came meanwhile.
-        if run.ckpt.reached_preemption(step) and step < run.total_steps:
-          _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
-                     bar=bar)
-          run.ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
-          if run.is_main:
-            print(f"preempted: saved step {step} to {run.workdir}; rerun the same command "
-                  "to resume", flush=True)
-          return {"preempted": True, "step": step}
-        if end_of_epoch:
-          break
+      step += 1
+      pending.add(step, metrics)
+      if step % c.train.log_every_steps == 0 or step == run.total_steps:
+        _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
+                   bar=bar)
+      bar.update(1)
+      end_of_epoch = step % run.steps_per_epoch == 0
+      completed = step // run.steps_per_epoch
+      metadata = {"epoch": completed, "config": c.name}
+      if end_of_epoch and (completed % c.train.eval_every_epochs == 0
+                           or step == run.total_steps):
+        pending.fetch(run)
+        last_eval = _evaluate(run, state, step=step, epoch=completed)
+        run.ckpt.save(step, state, force=True, metadata=metadata,
+                      metrics={build.BEST_METRIC: last_eval["pgd_accuracy"]})
+      elif step % c.train.checkpoint_every_steps == 0:
+        pending.fetch(run)
+        run.ckpt.save(step, state, metadata=metadata)
+      # The last step finishes the run (results below) even if SIGTERM came meanwhile.
+      if run.ckpt.reached_preemption(step) and step < run.total_steps:
+        _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
+                   bar=bar)
+        run.ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
+        if run.is_main:
+          print(f"preempted: saved step {step} to {run.workdir}; rerun the same command "
+                "to resume", flush=True)
+        return {"preempted": True, "step": step}
 
   if last_eval is None:  # Resumed a finished run: evaluate its final state again.
     last_eval = _evaluate(run, state, step=step, epoch=c.train.epochs)

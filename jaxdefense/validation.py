@@ -14,11 +14,14 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxdefense import build, data, defenses, errors, models, objectives, parallel, protocols
+from jaxdefense import build, data, errors, extra, models, objectives, parallel, protocols
 from jaxdefense.attacks import auto_attack, common, losses
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("piecewise", "cosine", "constant")
+EPOCH_STEPS = ("real", "batch")
+EMA_SCHEDULES = ("constant", "warmup")
+EMA_BATCH_STATS = ("average", "live")
 
 
 def _fail(field: str, value: Any, rule: str) -> None:
@@ -84,6 +87,18 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     _fail("data.data_dir", d.data_dir, "must be a directory path")
   _as_config_error(data.check_options, d.name, data_dir=d.data_dir, num_train=d.num_train,
                    num_test=d.num_test, image_size=d.image_size)
+  if any(not isinstance(p, str) or not p for p in d.extra):
+    _fail("data.extra", d.extra, "must be file paths or globs")
+  _number("data.extra_fraction", d.extra_fraction, 0, below=1)
+  if bool(d.extra) != (d.extra_fraction > 0):
+    raise errors.ConfigError(
+        f"data.extra={tuple(d.extra)!r} with data.extra_fraction={d.extra_fraction}: extra "
+        "data needs a fraction > 0 of each batch, and a fraction > 0 needs data.extra")
+  _choice("data.epoch_steps", d.epoch_steps, EPOCH_STEPS)
+  _integer("data.buffer_batches", d.buffer_batches, 1)
+  if d.extra:
+    _as_config_error(extra.check_batch, config.train.batch_size, d.extra_fraction,
+                     jax.process_count())
 
 
 def _num_test_points(config: ml_collections.ConfigDict) -> int | None:
@@ -91,7 +106,7 @@ def _num_test_points(config: ml_collections.ConfigDict) -> int | None:
   if config.data.num_test is not None:
     return config.data.num_test
   if config.data.name == "synthetic":
-    return 256
+    return data.SYNTHETIC_SIZES[1]
   return data.SPLIT_SIZES.get(config.data.name, (None, None))[1]
 
 
@@ -101,7 +116,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
   _choice("model.arch", m.arch, models.ARCHITECTURES)
   _choice("model.dtype", m.dtype, DTYPES)
-  defense = _as_config_error(build.defense_config, config)
+  _as_config_error(build.defense_config, config)
   try:
     model = build.build_model(config, data.NUM_CLASSES[config.data.name])
   except TypeError as e:
@@ -126,6 +141,15 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
   _integer("objective.attack.steps", o.attack.steps, 0)
   _choice("objective.attack.loss", o.attack.loss, losses.ATTACK_LOSSES)
   _as_config_error(build.attack_config, config)
+  _number("objective.label_smoothing", o.label_smoothing, 0, below=1)
+  _choice("objective.label_smoothing_on", o.label_smoothing_on, objectives.LABEL_SMOOTHING_ON)
+  if o.label_smoothing and o.label_smoothing_on == "extra" and not config.data.extra:
+    _fail("objective.label_smoothing_on", o.label_smoothing_on,
+          "smooths the extra images' labels only, but data.extra is empty")
+  _as_config_error(objectives.check_label_smoothing, o.name, o.label_smoothing,
+                   o.label_smoothing_on)
+  _number("objective.awp_gamma", o.awp_gamma, 0)
+  _integer("objective.awp_warmup_epochs", o.awp_warmup_epochs, 0)
 
 
 def check_optim(config: ml_collections.ConfigDict) -> None:
@@ -140,6 +164,10 @@ def check_optim(config: ml_collections.ConfigDict) -> None:
     _fail("optim.milestones", milestones, "must be non-negative epoch counts in increasing "
           "order")
   _number("optim.decay_factor", o.decay_factor, 0, open_below=True)
+  _number("optim.warmup_epochs", o.warmup_epochs, 0, below=max(config.train.epochs, 1),
+          note=" (below train.epochs)")
+  _integer("optim.lr_reference_batch", o.lr_reference_batch, 0,
+           note=" (0: optim.lr as given)")
 
 
 def check_train(config: ml_collections.ConfigDict, mesh) -> None:
@@ -154,6 +182,9 @@ def check_train(config: ml_collections.ConfigDict, mesh) -> None:
   _as_config_error(parallel.check_batch_size, t.eval_batch_size, mesh, "train.eval_batch_size")
   _integer("train.checkpoint_every_steps", t.checkpoint_every_steps, 1)
   _integer("train.keep_checkpoints", t.keep_checkpoints, 1)
+  _choice("train.ema_schedule", t.ema_schedule, EMA_SCHEDULES)
+  _integer("train.ema_warmup_steps", t.ema_warmup_steps, 0)
+  _choice("train.ema_batch_stats", t.ema_batch_stats, EMA_BATCH_STATS)
   if config.init_from is not None and not config.init_from:
     _fail("init_from", config.init_from, "must name a workdir, or be left unset")
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdefense import data
+from jaxdefense import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick-start config shrunk to seconds on a 2-core CPU, for main.py (TINY, as flags) and
@@ -50,7 +50,35 @@ def tiny_config(defense: str = "none", objective: str = "pgd_at") -> ml_collecti
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Training steps per epoch of a config whose data.num_train is set."""
-  return data.steps_per_epoch(config.data.num_train, config.train.batch_size)
+  return build.steps_per_epoch(config, config.data.num_train)
+
+
+EXTRA_MARKER = 255  # Every pixel of the extra images `with_generated_recipe` writes.
+
+
+def write_extra(path, num: int, image_shape, num_classes: int = 10, seed: int = 0,
+                value: int | None = EXTRA_MARKER) -> str:
+  """An extra-data .npz of `num` images (every pixel `value`, or random if None) and random
+  labels; its path."""
+  rng = np.random.default_rng(seed)
+  images = (rng.integers(0, 256, (num, *image_shape), np.uint8) if value is None else
+            np.full((num, *image_shape), value, np.uint8))
+  np.savez(path, image=images, label=rng.integers(0, num_classes, num))
+  return os.fspath(path)
+
+
+def with_generated_recipe(config: ml_collections.ConfigDict, extra_path) -> None:
+  """`config` (tiny) trained as the generated-data recipes train: half of every batch from
+  the extra .npz, label smoothing on the extra labels, AWP from epoch 1, warm-up + cosine,
+  Nesterov without BatchNorm decay, the dynamic EMA over parameters only."""
+  c = config
+  c.data.extra, c.data.extra_fraction = (os.fspath(extra_path),), 0.5
+  c.objective.label_smoothing, c.objective.label_smoothing_on = 0.1, "extra"
+  c.objective.awp_gamma, c.objective.awp_warmup_epochs = 0.01, 1
+  c.optim.schedule, c.optim.warmup_epochs = "cosine", 1
+  c.optim.nesterov, c.optim.decay_batchnorm = True, False
+  c.train.ema_decay, c.train.ema_schedule, c.train.ema_warmup_steps = 0.9, "warmup", 2
+  c.train.ema_batch_stats = "live"
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

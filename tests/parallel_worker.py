@@ -47,7 +47,9 @@ def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
                                    schedule=optax.constant_schedule(0.1),
                                    augment=lambda key, x: x.astype(np.float32) / 255,
-                                   ema_decay=0.9), donate_argnums=0)
+                                   recipe=steps.Recipe(ema_decay=lambda step: 0.9,
+                                                       awp_gamma=0.01, label_smoothing=0.1)),
+                  donate_argnums=0)
   rng = np.random.default_rng(0)
   for _ in range(args.steps):
     images = rng.integers(0, 256, (args.batch, 8, 8, 1), dtype=np.uint8)

@@ -136,3 +136,83 @@ def test_trades_updates_batch_norm_as_the_authors_code(defense_name, passes, set
     mu = (r1 - 0.9 * r0) / 0.1
     np.testing.assert_allclose(got, 0.9 ** passes * r0 + (1 - 0.9 ** passes) * mu,
                                rtol=2e-4, atol=1e-5)
+
+
+def _np_smoothed_ce(z, y, s):
+  """CE on the targets (1 - s) onehot(y) + s / K: (1 - s) CE + s mean_k(-log softmax(z)_k)."""
+  return (1 - s) * np_ce(z, y) - s * np_log_softmax(z).mean(-1)
+
+
+SMOOTHING = np.array([0.1, 0.0, 0.3, 0.1, 0.0, 0.2])
+
+
+@pytest.mark.parametrize("defense_name", ["none", "cas"])
+def test_label_smoothing(defense_name, setup, monkeypatch):
+  """With a per-example s in the batch, natural's and PGD-AT's CE and TRADES' natural CE are
+  the smoothed CE (closed form); CAS's auxiliary CEs, TRADES' KL and the attack keep the hard
+  labels (DM-Improves-AT gowal21uncovering/utils/trades.py:42, 110, 112); s = 0 is the plain
+  objective bit for bit."""
+  x, x_adv, labels = setup
+  model, defense, v = _model(defense_name)
+  # Logits far from uniform, where smoothing matters: the classifier's kernel x 30.
+  v = {**v, "params": {**v["params"], "fc": {**v["params"]["fc"],
+                                             "kernel": 30 * v["params"]["fc"]["kernel"]}}}
+  y = np.asarray(labels)
+  monkeypatch.setattr(objectives.attacks, "pgd", lambda *a, **k: x_adv)
+  plain_batch = {"images": x, "labels": labels}
+  batch = dict(plain_batch, label_smoothing=jnp.asarray(SMOOTHING, jnp.float32))
+  zero = dict(plain_batch, label_smoothing=jnp.zeros(len(y), jnp.float32))
+  z_nat, _ = _train_logits(model, v, x, labels, jax.random.key(0))
+  z_adv, _ = _train_logits(model, v, x_adv, labels, jax.random.key(0))
+  for name, z in (("natural", z_nat), ("pgd_at", z_adv), ("trades", z_nat)):
+    fn = objectives.make(name, model, defense, objectives.AttackConfig(steps=1),
+                         label_smoothing=0.3)
+    run = lambda b: fn(v["params"], v["batch_stats"], b, jax.random.key(7))
+    (loss, (metrics, _)), (plain, (plain_metrics, _)) = run(batch), run(plain_batch)
+    smoothed = _np_smoothed_ce(z, y, SMOOTHING)
+    np.testing.assert_allclose(metrics["ce"] - plain_metrics["ce"],
+                               (smoothed - np_ce(z, y)).mean(), rtol=1e-4, err_msg=name)
+    if defense_name == "none":
+      expected = smoothed.mean() + (6.0 * _np_kl(z_nat, z_adv).mean() if name == "trades" else 0)
+      np.testing.assert_allclose(loss, expected, rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(loss - plain, (smoothed - np_ce(z, y)).mean(), rtol=1e-4,
+                               err_msg=name)
+    assert run(zero)[0] == plain, name
+
+
+def test_split_objective_and_label_smoothing_checks(setup):
+  """objective(...) = loss(attack(...)): the same loss and gradient as the loss at the
+  attack's fixed x' (the attack sees the parameters through stop_gradient), x' within eps and
+  independent of the labels' smoothing; MART refuses s > 0; the per-example s."""
+  x, _, labels = setup
+  model, defense, v = _model("cas")
+  attack = objectives.AttackConfig(eps=0.1, step_size=0.05, steps=2)
+  objective = objectives.make("pgd_at", model, defense, attack)
+  key, batch = jax.random.key(5), {"images": x, "labels": labels}
+  x_adv = jax.jit(objective.attack)(v["params"], v["batch_stats"], batch, key)
+  smooth = dict(batch, label_smoothing=jnp.full(len(labels), 0.2))
+  np.testing.assert_array_equal(
+      x_adv, jax.jit(objective.attack)(v["params"], v["batch_stats"], smooth, key))
+  assert np.abs(np.asarray(x_adv - x)).max() <= 0.1 + 1e-6 and not np.array_equal(x_adv, x)
+  whole = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      v["params"], v["batch_stats"], batch, key)
+  at_x_adv = jax.jit(jax.value_and_grad(
+      lambda p: objective.loss(p, v["batch_stats"], batch, x_adv, key), has_aux=True))(
+          v["params"])
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(at_x_adv)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert objectives.make("natural", model, defense, attack).attack(
+      v["params"], v["batch_stats"], batch, key) is None
+
+  with pytest.raises(ValueError, match="label_smoothing=0.1 is not defined for MART"):
+    objectives.make("mart", model, defense, attack, label_smoothing=0.1)
+  objectives.make("mart", model, defense, attack, label_smoothing=0.0)
+  with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+    objectives.make("trades", model, defense, attack, label_smoothing=1.0)
+  with pytest.raises(ValueError, match="unknown objective.label_smoothing_on 'real'"):
+    objectives.check_label_smoothing("trades", 0.1, "real")
+  extra = jnp.array([False, True, True, False])
+  np.testing.assert_array_equal(objectives.smoothing_per_example(0.1, "all", extra),
+                                np.full(4, 0.1, np.float32))
+  np.testing.assert_array_equal(objectives.smoothing_per_example(0.1, "extra", extra),
+                                np.float32([0, 0.1, 0.1, 0]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxdefense import parallel
-from tests.helpers import ROOT, TINY, saved_state, tiny_config, total_steps
+from tests.helpers import ROOT, TINY, saved_state, tiny_config, total_steps, write_extra
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
@@ -83,16 +83,24 @@ def _main(cwd, workdir, devices, *flags):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_main_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_main_two_processes_equal_one_process(tmp_path, with_extra):
   """main.py as two processes of 2 CPU devices each (one cluster over loopback; each reads
-  its half of every batch; a relative workdir) trains, evaluates and checkpoints like one
-  process with 4: the same losses and accuracies, written once, by process 0; checkpoints
-  saved together, holding the same parameters, BN statistics, optimizer state and EMA."""
+  its half of every batch, of the real and of the extra images; a relative workdir) trains,
+  evaluates and checkpoints like one process with 4: the same losses and accuracies,
+  written once, by process 0; checkpoints saved together, holding the same parameters, BN
+  statistics, optimizer state and EMA."""
   single, multi = tmp_path / "single", tmp_path / "multi"
-  _wait(_main(tmp_path, "single", 4), timeout=300)
+  flags = []
+  if with_extra:
+    path = write_extra(tmp_path / "extra.npz", 300, (8, 8, 1), value=None)
+    flags = [f"--config.data.extra=('{path}',)", "--config.data.extra_fraction=0.5",
+             "--config.data.epoch_steps=batch", "--config.objective.label_smoothing=0.1",
+             "--config.objective.label_smoothing_on=extra"]
+  _wait(_main(tmp_path, "single", 4, *flags), timeout=300)
   address = f"127.0.0.1:{_free_port()}"
   procs = [_main(tmp_path, "multi", 2, f"--coordinator={address}", "--num_processes=2",
-                 f"--process_id={i}") for i in range(2)]
+                 f"--process_id={i}", *flags) for i in range(2)]
   for p in procs:
     _wait(p, timeout=300)
 

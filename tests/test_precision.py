@@ -19,7 +19,7 @@ def _step(dtype, defense, objective="pgd_at"):
                               objectives.AttackConfig(eps=0.1, step_size=0.03, steps=2))
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
                                    schedule=optax.constant_schedule(0.1),
-                                   augment=lambda key, x: x, ema_decay=0.0))
+                                   augment=lambda key, x: x))
   x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 1))
   labels = jax.random.randint(jax.random.key(2), (16,), 0, 4)
   new_state, metrics = step(state, {"images": x, "labels": labels})

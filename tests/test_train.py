@@ -1,10 +1,12 @@
 """The training program: an end-to-end main.py run, resume == uninterrupted, schedules and
 the optimizer, a gs:// workdir (bad configs: tests/test_bad_input.py)."""
+import functools
 import json
 import os
 import signal
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -15,7 +17,8 @@ from tensorboardX import record_writer
 from jaxdefense import analysis, build, checkpoint, data, evaluate, train, validation
 from jaxdefense.default_config import get as default_config
 from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, steps_per_epoch, tiny_config,
-                           total_steps)
+                           total_steps, with_generated_recipe, write_extra, EXTRA_MARKER,
+                           load_config)
 
 def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
   """main.py, started in another working directory with a relative --workdir, trains one
@@ -28,7 +31,8 @@ def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   assert "devices: 1 x " in first.stdout
   k = steps_per_epoch(tiny_config())
-  assert "96 train / 48 test" in first.stdout and f"1 epochs x {k} steps = {k} steps" in first.stdout
+  assert "96 train / 48 test" in first.stdout
+  assert f"1 epochs x {k} steps = {k} steps" in first.stdout
   assert "defense:" in first.stdout  # The resolved config is printed.
   run = run_main("runs/tiny", *TINY, "--config.defense.name=fsr", config=config, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -64,15 +68,21 @@ def _final_state(workdir, config):
   return state, step
 
 
-@pytest.mark.parametrize("defense,objective", [("fsr", "pgd_at"), ("cas", "trades")])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
+@pytest.mark.parametrize("defense,objective,generated", [("fsr", "pgd_at", False),
+                                                        ("cas", "trades", False),
+                                                        ("cifs", "pgd_at", True)])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective, generated):
   """2k steps straight equal k steps, SIGTERM (save and exit), resume, k more: identical
-  parameters, BN statistics, optimizer state and EMA."""
+  parameters, BN statistics, optimizer state and EMA; also with extra data in every batch
+  and the generated-data recipe's AWP, label smoothing, warm-up and dynamic EMA."""
   config = tiny_config(defense, objective)
+  if generated:
+    with_generated_recipe(config, write_extra(tmp_path / "extra.npz", 200, (8, 8, 1),
+                                              value=None))
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   assert straight["steps"] == total_steps(config)
 
-  batches = data.train_batches
+  batches = train._batches
   seen = {"n": 0}
 
   def preempt_after_four(*args, **kwargs):
@@ -82,7 +92,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, defense, objective):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  monkeypatch.setattr(data, "train_batches", preempt_after_four)
+  monkeypatch.setattr(train, "_batches", preempt_after_four)
   stopped = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert stopped == {"preempted": True, "step": 4}
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
@@ -118,6 +128,25 @@ def test_learning_rate_schedules():
   c.optim.schedule = "step"
   with pytest.raises(ValueError, match="unknown optim.schedule 'step'"):
     build.learning_rate_schedule(c, steps_per_epoch=10)
+
+
+def test_warm_up_then_cosine_with_the_rate_scaled_by_the_batch():
+  """DeepMind's schedule: lr = 0.1 x B / 256, linear from 0 over the warm-up epochs, then a
+  cosine to 0 at the last step over the remaining steps; a warm-up before a piecewise
+  schedule keeps the milestones' absolute epochs."""
+  c = default_config()
+  c.optim.lr, c.optim.lr_reference_batch, c.train.batch_size = 0.1, 256, 1024
+  c.optim.schedule, c.optim.warmup_epochs, c.train.epochs = "cosine", 10, 100
+  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  peak, warmup, total = 0.4, 100, 1000
+  for step in (0, 1, 50, 99, 100, 101, 550, 999, 1000):
+    expected = (peak * step / warmup if step < warmup else
+                0.5 * peak * (1 + np.cos(np.pi * (step - warmup) / (total - warmup))))
+    np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-7, err_msg=step)
+  c.optim.schedule, c.optim.warmup_epochs, c.optim.milestones = "piecewise", 5, (75, 90)
+  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(25), schedule(50), schedule(749), schedule(750)],
+                             [0.2, 0.4, 0.4, 0.04], rtol=1e-6)
 
 
 def test_optimizer_is_torch_sgd():
@@ -202,3 +231,112 @@ def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
   cas.eval_pgd.loss = "margin"
   with pytest.raises(ValueError, match="unknown eval_pgd.loss 'margin'; allowed: auto, ce"):
     validation.check_eval_pgd(cas)
+
+
+def _generated_tiny(recipe: str, defense: str, extra_path) -> ml_collections.ConfigDict:
+  """configs/generated.py's recipe on 64 synthetic 8x8 images with a WRN-10-1, 2 epochs."""
+  c = load_config("generated", f"{recipe},wrn28_10")
+  c.defense.name = defense
+  c.data.name, c.data.num_train, c.data.num_test, c.data.image_size = "synthetic", 64, 32, 8
+  c.data.extra = (os.fspath(extra_path),)
+  c.model.kwargs.depth, c.model.kwargs.width = 10, 1
+  c.train.epochs, c.train.batch_size, c.optim.warmup_epochs = 2, 32, 1
+  c.train.eval_every_epochs, c.train.eval_examples, c.train.eval_batch_size = 1, 32, 16
+  c.train.ema_warmup_steps, c.train.checkpoint_every_steps = 1, 2
+  c.objective.attack.steps, c.eval_pgd.steps = 1, 1
+  return c
+
+
+@pytest.mark.parametrize("recipe,defense", [("wang2023", "none"), ("wang2023", "cas"),
+                                            ("gowal2021", "none"), ("gowal2021", "fsr")])
+def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defense):
+  """Both recipe configs train with an extra source, with and without a defense; every
+  batch the step receives holds round(0.7 x 32) = 22 extra images (all pixels the marker,
+  flagged by "extra") after 10 real ones (never all marker), as an epoch of
+  ceil(64 / 32) = 2 steps; the results are finite."""
+  config = _generated_tiny(recipe, defense, write_extra(tmp_path / "extra.npz", 100, (8, 8, 3)))
+  batches, seen = train._batches, []
+
+  def checked(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      marked = np.all(batch["images"] == EXTRA_MARKER, axis=(1, 2, 3))
+      seen.append((marked.tolist(), batch["extra"].tolist()))
+      yield batch
+
+  monkeypatch.setattr(train, "_batches", checked)
+  results = train.train_and_evaluate(config, tmp_path / "run")
+  assert results["steps"] == 4 and len(seen) == 4
+  assert all(marked == flags == [False] * 10 + [True] * 22 for marked, flags in seen)
+  assert np.isfinite(results["natural_accuracy"]) and np.isfinite(results["robust_accuracy"])
+
+
+def _tiny_step_setup(recipe, objective_name="natural"):
+  from jaxdefense import defenses, models, objectives, steps  # noqa: PLC0415
+  model = models.create("resnet", num_classes=4, stage_sizes=(1,), width=4)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = build.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), ema=True)
+  objective = objectives.make(objective_name, model, defenses.DefenseConfig(),
+                              objectives.AttackConfig(steps=1), label_smoothing=0.2)
+  step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
+                                   schedule=optax.constant_schedule(0.1),
+                                   augment=lambda key, x: data.to_float(x), recipe=recipe))
+  rng = np.random.default_rng(0)
+  batch = {"images": rng.integers(0, 256, (8, 8, 8, 1), np.uint8),
+           "labels": rng.integers(0, 4, 8).astype(np.int32),
+           "extra": np.arange(8) >= 3}
+  return state, step, batch, objective
+
+
+@pytest.mark.parametrize("batch_stats", ["average", "live"])
+def test_ema_warm_up_schedule_is_the_recipes_recurrence(batch_stats):
+  """ema <- d_k ema + (1 - d_k) w_{k+1}, d_k = 0 for the first W = 2 updates (the EMA copies
+  the weights), then min(0.9, (1 + d) / (10 + d)) with d = k - W (DM-Improves-AT's
+  ema_update; NumPy recurrence); BatchNorm statistics averaged alike or the model's."""
+  from jaxdefense import steps  # noqa: PLC0415
+  c = default_config()
+  c.train.ema_decay, c.train.ema_schedule, c.train.ema_warmup_steps = 0.9, "warmup", 2
+  recipe = steps.Recipe(ema_decay=build.ema_decay(c), ema_batch_stats=batch_stats)
+  state, step, batch, _ = _tiny_step_setup(recipe)
+  expected = jax.tree.map(np.asarray, state.ema)
+  for k in range(6):
+    state, _ = step(state, batch)
+    d = 0.0 if k < 2 else min(0.9, (1 + k - 2) / (10 + k - 2))
+    live = {"params": state.params, "batch_stats": state.batch_stats}
+    expected = jax.tree.map(lambda e, w: d * e + (1 - d) * np.asarray(w), expected, live)
+    if batch_stats == "live":
+      expected["batch_stats"] = jax.tree.map(np.asarray, state.batch_stats)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state.ema),
+                            jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{k} {jax.tree_util.keystr(path)}")
+  assert k == 5
+
+
+@pytest.mark.parametrize("on,smoothed", [("all", np.ones(8, bool)),
+                                         ("extra", np.arange(8) >= 3)])
+def test_the_step_smooths_the_labels_the_recipe_names(on, smoothed):
+  """train_step's loss is the objective's at s = 0.2 on the examples `on` names (all, or the
+  batch's "extra" ones), 0 on the rest: its CE is the closed form (1 - s) CE + s mean_k
+  (-log p_k) per example."""
+  from jaxdefense import steps  # noqa: PLC0415
+  state, step, batch, objective = _tiny_step_setup(
+      steps.Recipe(label_smoothing=0.2, label_smoothing_on=on))
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  _, objective_key = jax.random.split(key)
+  images = data.to_float(batch["images"])
+  out = objective_model_apply(objective, state, images, batch["labels"], objective_key)
+  log_p = np.asarray(jax.nn.log_softmax(out), np.float64)
+  s = np.where(smoothed, 0.2, 0.0)
+  y = batch["labels"]
+  ce = -log_p[np.arange(8), y]
+  expected = np.mean((1 - s) * ce + s * -log_p.mean(-1))
+  _, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics["ce"], expected, rtol=1e-5)
+
+
+def objective_model_apply(objective, state, images, labels, key):
+  """The natural objective's train-mode logits (its forward pass with the step's key)."""
+  model = objective.loss.keywords["model"]
+  out, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                       labels, train=True, rngs={"gumbel": key}, mutable=["batch_stats"])
+  return out.logits

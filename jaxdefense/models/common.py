@@ -153,7 +153,9 @@ def conv_padding(kernel: int, stride: int, scheme: str = "symmetric"):
   return ((total // 2, total - total // 2),) * 2
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+def batch_norm(train: bool, dtype: Any, name: str | None = None,
+               momentum: float = 0.9) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1: running <- 0.9 running + 0.1
+  batch; `momentum` is Flax's, 1 - PyTorch's)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=1e-5,
+                      dtype=dtype, name=name)
