@@ -76,7 +76,9 @@ def get() -> ml_collections.ConfigDict:
   c.optim.nesterov = False
   c.optim.weight_decay = 5e-4
   c.optim.decay_batchnorm = True      # False: no weight decay on BatchNorm scales and biases.
-  c.optim.schedule = "piecewise"      # piecewise | cosine | constant
+  # piecewise | cosine | constant | onecycle (PyTorch's OneCycleLR stepped per epoch, its
+  # momentum cycled 0.95 -> 0.85 -> 0.95; warmup_epochs is its rising phase).
+  c.optim.schedule = "piecewise"
   # Linear warm-up from 0 over the first warmup_epochs (any schedule), then the schedule.
   c.optim.warmup_epochs = 0.0
   # > 0: the learning rate is lr x batch_size / lr_reference_batch (DeepMind: 0.1 x B / 256).

@@ -18,7 +18,7 @@ from jaxdefense import build, data, errors, extra, models, objectives, parallel,
 from jaxdefense.attacks import auto_attack, common, losses
 
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("piecewise", "cosine", "constant")
+SCHEDULES = ("piecewise", "cosine", "constant", "onecycle")
 EPOCH_STEPS = ("real", "batch")
 EMA_SCHEDULES = ("constant", "warmup")
 EMA_BATCH_STATS = ("average", "live")
@@ -166,6 +166,10 @@ def check_optim(config: ml_collections.ConfigDict) -> None:
   _number("optim.decay_factor", o.decay_factor, 0, open_below=True)
   _number("optim.warmup_epochs", o.warmup_epochs, 0, below=max(config.train.epochs, 1),
           note=" (below train.epochs)")
+  whole = o.warmup_epochs >= 1 and o.warmup_epochs == int(o.warmup_epochs)
+  if o.schedule == "onecycle" and not whole:
+    _fail("optim.warmup_epochs", o.warmup_epochs, "must be a whole number of epochs >= 1 with "
+          "optim.schedule='onecycle' (its rising phase, stepped per epoch)")
   _integer("optim.lr_reference_batch", o.lr_reference_batch, 0,
            note=" (0: optim.lr as given)")
 

@@ -151,8 +151,7 @@ def test_perturb_sgd_restore_is_torch_sgd_at_the_perturbed_weights():
 
 
 @pytest.mark.parametrize("defense_name,objective_name", [
-    ("cas", "pgd_at"), ("fsr", "pgd_at"), ("cifs", "pgd_at"), ("cas", "trades"),
-    ("fsr", "trades")])
+    ("cifs", "pgd_at"), ("cas", "trades"), ("fsr", "trades")])
 def test_awp_with_defenses(defense_name, objective_name):
   """One AWP step (gamma 0.01), the defense's auxiliary loss part of the loss: the loss is
   finite and every parameter moves."""
@@ -170,8 +169,11 @@ def test_awp_with_defenses(defense_name, objective_name):
 def test_train_step_with_awp_is_the_recipe():
   """steps.train_step with Recipe(awp_gamma, awp_start_step) is _awp_step (awp.py's recipe)
   from its start step on and the plain step before it, on the same augmented batch and key."""
-  objective, v, batch = _setup("fsr", "trades")
+  objective, v, batch = _setup("none", "trades")
   tx = _sgd()
+  awp_step = jax.jit(functools.partial(_awp_step, objective=objective, tx=tx, gamma=0.01,
+                                       active=True))
+  plain_step = jax.jit(functools.partial(_plain_step, objective=objective, tx=tx))
   state = build.create_train_state(objective_model(objective), tx, jax.random.key(0),
                                    (8, 8, 1), ema=False)
   state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
@@ -184,8 +186,7 @@ def test_train_step_with_awp_is_the_recipe():
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     _, objective_key = jax.random.split(key)
     args = (state.params, state.batch_stats, state.opt_state, batch, objective_key)
-    expected = (_awp_step(*args, objective=objective, tx=tx, gamma=0.01, active=True) if k
-                else _plain_step(*args, objective=objective, tx=tx))
+    expected = awp_step(*args) if k else plain_step(*args)
     state, _ = step(state, batch)
     for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
                     jax.tree.leaves(expected[:3])):

@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxdefense import build, models
@@ -101,7 +102,75 @@ RECIPES = {
         "objective.attack.steps": 10, "objective.attack.loss": "defense",
         "eval_pgd.steps": 20, "eval_pgd.step_size": 0.8 / 255, "eval_pgd.random_start": False,
         "eval_pgd.loss": "defense"},
+    # DM-Improves-AT @b390f25, the README's train-wa.py command (README.md:58-69): cifar10s,
+    # batch 512, wrn-28-10-swish, 400 epochs, lr 0.2, beta 5, unsup-fraction 0.7, ls 0.1;
+    # defaults core/utils/parser.py: wd 5e-4 (L40), cosinew (L41: OneCycleLR, pct_start
+    # 0.025, stepped per epoch, core/utils/train.py:92-94), nesterov (L42), attack
+    # 8/255, 2/255, 10 steps (L46-48); tau 0.995 (train-wa.py:29); SGD momentum 0.9, no
+    # decay on 'batchnorm' params (gowal21uncovering/utils/watrain.py:62-71); an epoch is
+    # ceil(50000 / 512) = 98 batches (core/data/semisup.py:15); EMA warm-up
+    # 0.025 x 400 x 98 = 980 on the 1-based step (watrain.py:50-51, 131-133, 248-258: 979
+    # 0-based updates), BN statistics the model's (update_bn, watrain.py:139, 270-272); BN
+    # momentum 0.01, swish, mean/std in the model (core/models/wideresnetwithswish.py:12-13,
+    # 21, 36); label smoothing on the natural CE of every example (trades.py:42, 110).
+    ("generated", "wang2023,wrn28_10"): {
+        "model.arch": "wide_resnet", "model.kwargs.depth": 28, "model.kwargs.width": 10,
+        "model.kwargs.activation": "swish", "model.kwargs.conv_padding": "asymmetric",
+        "model.kwargs.bn_momentum": 0.99,
+        "model.kwargs.input_mean": (0.4914, 0.4822, 0.4465),
+        "model.kwargs.input_std": (0.2471, 0.2435, 0.2616),
+        "data.extra_fraction": 0.7, "data.epoch_steps": "batch", "train.batch_size": 512,
+        "train.epochs": 400, "optim.lr": 0.2, "optim.lr_reference_batch": 0,
+        "objective.name": "trades", "objective.beta": 5.0,
+        "objective.label_smoothing": 0.1, "objective.label_smoothing_on": "all",
+        "objective.attack.eps": 8 / 255, "objective.attack.step_size": 2 / 255,
+        "objective.attack.steps": 10, "optim.weight_decay": 5e-4,
+        "optim.decay_batchnorm": False, "optim.nesterov": True,
+        "optim.schedule": "onecycle", "optim.warmup_epochs": 10, "train.ema_decay": 0.995,
+        "train.ema_schedule": "warmup", "train.ema_warmup_steps": 979,
+        "train.ema_batch_stats": "live"},
+    # deepmind-research @f5de0ed adversarial_robustness/jax/experiment.py: batch 1024 (L56),
+    # 400 epochs (L50), lr 0.1 x B / 256 (L68), 10 warm-up epochs then cosine (L69-73),
+    # SGD 0.9 Nesterov (L430-431), wd 5e-4 (L125) off batchnorm (utils.py:92-94), EMA .995
+    # (L126) dynamic from step 0 over the parameters only (utils.py:113-120, L353-354),
+    # label smoothing .1 on the extra labels (L130, L521-524), TRADES beta 6 (L315),
+    # supervised_batch_ratio .3 (L128); WRN-28-10 swish, BN decay .99 (model_zoo.py:95-99).
+    ("generated", "gowal2021,wrn28_10"): {
+        "model.kwargs.depth": 28, "model.kwargs.width": 10, "model.kwargs.bn_momentum": 0.99,
+        "model.kwargs.activation": "swish", "train.batch_size": 1024, "train.epochs": 400,
+        "optim.lr": 0.1, "optim.lr_reference_batch": 256, "optim.schedule": "cosine",
+        "optim.warmup_epochs": 10, "optim.momentum": 0.9, "optim.nesterov": True,
+        "optim.weight_decay": 5e-4, "optim.decay_batchnorm": False, "train.ema_decay": 0.995,
+        "train.ema_schedule": "warmup", "train.ema_warmup_steps": 0,
+        "train.ema_batch_stats": "live", "objective.label_smoothing": 0.1,
+        "objective.label_smoothing_on": "extra", "objective.name": "trades",
+        "objective.beta": 6.0, "data.extra_fraction": 0.7, "data.epoch_steps": "batch"},
+    ("generated", "wang2023,wrn70_16"): {"model.kwargs.depth": 70, "model.kwargs.width": 16},
+    ("generated", "gowal2021,wrn28_10,cifar100"): {
+        "data.name": "cifar100", "model.kwargs.input_mean": (0.5071, 0.4865, 0.4409)},
 }
+
+
+def test_generated_recipes_step_counts_and_rates_are_the_codes():
+  """Wang et al.: 98 steps an epoch, 39,200 in all, the EMA a copy of the weights for the
+  first 979 updates (decay 0) and 0.995-capped after; DeepMind: peak rate 0.4, 49 x 400 =
+  19,600 steps (its code: int(400 x 50000 / 1024) = 19,531, docs/fidelity.md)."""
+  wang, gowal = load("generated", "wang2023,wrn28_10"), load("generated", "gowal2021,wrn28_10")
+  assert build.steps_per_epoch(wang, 50_000) == 98
+  assert build.steps_per_epoch(gowal, 50_000) == 49
+  assert build.peak_learning_rate(gowal) == pytest.approx(0.4)
+  decay = build.ema_decay(wang)
+  assert [float(decay(jnp.asarray(k))) for k in (0, 978)] == [0.0, 0.0]
+  assert float(decay(jnp.asarray(979))) == pytest.approx(0.1)  # DM's first: (1+0)/(10+0)
+  assert float(decay(jnp.asarray(39_199))) == pytest.approx(0.995)
+  assert float(build.ema_decay(gowal)(jnp.asarray(0))) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", ["wang2023", "wang2023,wrn34_10", "kim2023,wrn28_10",
+                                 "gowal2021,wrn28_10,svhn"])
+def test_bad_generated_arguments_name_what_is_allowed(bad):
+  with pytest.raises(ValueError, match="RECIPE,ARCH"):
+    load("generated", bad)
 
 
 def test_cifs_default_sites_and_probes_are_the_authors():

@@ -167,6 +167,37 @@ def test_optimizer_is_torch_sgd():
   np.testing.assert_allclose(p["w"], expected, rtol=1e-6)
 
 
+def test_onecycle_is_torch_onecyclelr_stepped_per_epoch_with_nesterov_sgd():
+  """DM-Improves-AT's `cosinew`: 12 epochs of 3 steps of torch.optim.SGD (Nesterov, weight
+  decay) under OneCycleLR(max_lr=0.2, pct_start=3/12, total_steps=12) stepped after each
+  epoch, rate and cycled momentum included, equal the optimizer build.make_optimizer makes."""
+  torch = pytest.importorskip("torch")
+  c = default_config()
+  c.optim.schedule, c.optim.lr, c.optim.warmup_epochs, c.train.epochs = "onecycle", 0.2, 3, 12
+  c.optim.nesterov, c.optim.weight_decay = True, 5e-4
+  tx, schedule = build.make_optimizer(c, steps_per_epoch=3)
+  weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+  sgd = torch.optim.SGD([weights], lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+  onecycle = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.2, pct_start=3 / 12,
+                                                 total_steps=12)
+  p = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+  state = tx.init(p)
+  rng = np.random.default_rng(0)
+  for epoch in range(12):
+    for k in range(3):
+      step = 3 * epoch + k
+      np.testing.assert_allclose(schedule(step), sgd.param_groups[0]["lr"], rtol=1e-5)
+      g = rng.normal(size=3)
+      weights.grad = torch.tensor(g)
+      sgd.step()
+      updates, state = tx.update({"w": g.astype(np.float32)}, state, p)
+      p = optax.apply_updates(p, updates)
+      np.testing.assert_allclose(p["w"], weights.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                 err_msg=f"epoch {epoch} step {k}")
+    if epoch < 11:  # torch refuses a step past total_steps.
+      onecycle.step()
+
+
 class _EpathEventFiles:
   """tensorboardX's writer factory for gs:// (the real one needs google-cloud-storage and a
   bucket), writing through epath, i.e. into etils' gs:// mock."""
@@ -247,8 +278,7 @@ def _generated_tiny(recipe: str, defense: str, extra_path) -> ml_collections.Con
   return c
 
 
-@pytest.mark.parametrize("recipe,defense", [("wang2023", "none"), ("wang2023", "cas"),
-                                            ("gowal2021", "none"), ("gowal2021", "fsr")])
+@pytest.mark.parametrize("recipe,defense", [("wang2023", "cas"), ("gowal2021", "none")])
 def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defense):
   """Both recipe configs train with an extra source, with and without a defense; every
   batch the step receives holds round(0.7 x 32) = 22 extra images (all pixels the marker,
@@ -340,3 +370,31 @@ def objective_model_apply(objective, state, images, labels, key):
   out, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
                        labels, train=True, rngs={"gumbel": key}, mutable=["batch_stats"])
   return out.logits
+
+
+def test_a_shard_damaged_mid_run_stops_it_naming_the_shard(tmp_path, monkeypatch):
+  """A prepared shard truncated while the run reads it: the run stops with a DataError naming
+  the shard; the step whose batch failed never ran, so no checkpoint is of it or later."""
+  from jaxdefense import errors, extra  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  extra.write_prepared(tmp_path / "prepared", [rng.integers(0, 256, (500, 8, 8, 1), np.uint8)],
+                       rng.integers(0, 10, 500), image_shape=(8, 8, 1), source="test",
+                       shard_images=250)
+  shard = tmp_path / "prepared" / "images-00001-of-00002.npy"
+  config = tiny_config()
+  config.data.extra, config.data.extra_fraction = (os.fspath(tmp_path / "prepared"),), 0.5
+  config.data.buffer_batches, config.train.checkpoint_every_steps = 1, 1
+  batches, consumed = train._batches, []
+
+  def truncating(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      consumed.append(1)
+      if len(consumed) == 2:
+        os.truncate(shard, 1000)
+      yield batch
+
+  monkeypatch.setattr(train, "_batches", truncating)
+  with pytest.raises(errors.DataError, match="images-00001-of-00002.npy.*(short read|damaged)"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(consumed) < total_steps(config) and max(saved) <= len(consumed)
