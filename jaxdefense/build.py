@@ -42,14 +42,15 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
                    image_size=d.image_size)
 
 
-def open_extra(config: ml_collections.ConfigDict,
-               dataset: data.Dataset) -> extra.ExtraSource | None:
+def open_extra(config: ml_collections.ConfigDict) -> extra.ExtraSource | None:
   """The extra (generated) images of `data.extra`, checked against the real data's image
-  shape and classes (one `errors.DataError` line naming a faulty file); None without."""
-  if not config.data.extra:
+  shape and classes without loading it (one `errors.DataError` line naming a faulty file);
+  None without extra data."""
+  d = config.data
+  if not d.extra:
     return None
-  return extra.open_sources(tuple(config.data.extra), image_shape=dataset.image_shape,
-                            num_classes=dataset.num_classes)
+  return extra.open_sources(tuple(d.extra), image_shape=data.image_shape(d.name, d.image_size),
+                            num_classes=data.NUM_CLASSES[d.name])
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_real: int) -> int:

@@ -45,9 +45,10 @@ def evaluate_accuracy(eval_fn: Callable[..., dict], variables: dict, images: np.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results.
 
-  Before anything is loaded, the config must be valid (`validation.validate`), the
-  workdir writable, free (`guard.Lock`: one training per workdir) and, if trained before,
-  trained with a config that builds the same model (`guard.check_config`). Returns the
+  Before anything is loaded, the config must be valid (`validation.validate`), the extra
+  data files (if any) well-formed (`build.open_extra`), the workdir writable, free
+  (`guard.Lock`: one training per workdir) and, if trained before, trained with a config
+  that builds the same model (`guard.check_config`). Returns the
   results, or `{"preempted": True, "step": ...}` after SIGTERM; raises `errors.Diverged` at
   a non-finite loss or gradient norm, having saved nothing from that step on."""
   workdir = paths.resolve(workdir)
@@ -57,17 +58,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     guard.check_trained(paths.resolve(config.init_from), config, "config.init_from")
   is_main = jax.process_index() == 0
   guard.check_config(workdir, config)
+  source = build.open_extra(config)
   lock = guard.Lock(workdir)
-  if is_main:
-    paths.check_writable(workdir)
-    metric_writer.check_supported(workdir)
-    lock.acquire()
   try:
     if is_main:
-      guard.record_config(workdir, config)
-    return _train(config, workdir, mesh)
+      paths.check_writable(workdir)
+      metric_writer.check_supported(workdir)
+      lock.acquire()
+    try:
+      if is_main:
+        guard.record_config(workdir, config)
+      return _train(config, workdir, mesh, source)
+    finally:
+      lock.release()
   finally:
-    lock.release()
+    if source is not None:
+      source.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +93,10 @@ class _Run:
   is_main: bool
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
+           source: extra.ExtraSource | None) -> dict:
   is_main = jax.process_index() == 0
   dataset = build.load_data(config)
-  source = build.open_extra(config, dataset)
   model = build.build_model(config, dataset.num_classes)
   batch_size = config.train.batch_size
   steps_per_epoch = build.steps_per_epoch(config, len(dataset.train_labels))
@@ -146,8 +152,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict
     return _loop(run, state)
   finally:
     ckpt.close()
-    if source is not None:
-      source.close()
     if writer is not None:
       writer.close()
 

@@ -38,6 +38,26 @@ TRAIN = [
     (["--config.train.epochs=0"], "train.epochs must be an integer >= 1, got 0", 2),
     (["--config.train.epochs=abc"], "--config.train.epochs=abc: invalid literal for int()", 2),
     (["--config.train.ema_decay=1.0"], "train.ema_decay must be a finite number >= 0 and < 1", 2),
+    (["--config.data.extra=('x.npz',)", "--config.data.extra_fraction=1.0"],
+     "data.extra_fraction must be a finite number >= 0 and < 1, got 1.0", 2),
+    (["--config.data.extra=('x.npz',)", "--config.data.extra_fraction=0.995"],
+     "extra_fraction=0.995 leaves no real image in a batch of 64", 2),
+    (["--config.data.extra_fraction=0.5"], "a fraction > 0 needs data.extra", 2),
+    (["--config.data.extra=('/nonexistent/g.npz',)", "--config.data.extra_fraction=0.5"],
+     "extra data file /nonexistent/g.npz does not exist", 2),
+    (["--config.data.extra=('/nonexistent/*.npz',)", "--config.data.extra_fraction=0.5"],
+     "extra data pattern /nonexistent/*.npz matches no file", 2),
+    (["--config.data.epoch_steps=pass"], "unknown data.epoch_steps 'pass'", 2),
+    (["--config.objective.label_smoothing=0.1", "--config.objective.label_smoothing_on=extra"],
+     "smooths the extra images' labels only, but data.extra is empty", 2),
+    (["--config.objective.name=mart", "--config.objective.label_smoothing=0.1"],
+     "is not defined for MART", 2),
+    (["--config.objective.awp_gamma=-0.01"], "objective.awp_gamma must be a finite number >= 0",
+     2),
+    (["--config.optim.schedule=onecycle", "--config.optim.warmup_epochs=0"],
+     "must be a whole number of epochs >= 1 with optim.schedule='onecycle'", 2),
+    (["--config.train.ema_schedule=linear"], "unknown train.ema_schedule 'linear'", 2),
+    (["--config.train.ema_batch_stats=mean"], "unknown train.ema_batch_stats 'mean'", 2),
     (["--config.train.log_every_steps=0"], "train.log_every_steps must be an integer >= 1", 2),
     (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints must be an integer >= 1", 2),
     (["--config.data.num_train=5000"], "num_train must lie in [1, 1437]", 2),
@@ -114,6 +134,30 @@ def test_bad_values_of_training_and_evaluation_are_one_line_each(tmp_path):
   for result, (words, code, workdir) in zip(results, expected):
     _check(result, words, code)
     assert not (workdir / "checkpoints").exists(), result["argv"]
+
+
+def test_malformed_extra_files_are_one_line_each_before_training(tmp_path):
+  """Extra .npz files with float images, 8x8 images for the quick start's 16x16, labels
+  outside 0..9, no 'label', or not a zip: one line naming the file and the fault, exit 2,
+  nothing written to the workdir."""
+  import numpy as np  # noqa: PLC0415
+  images = np.zeros((4, 16, 16, 1), np.uint8)
+  files = {"float": dict(image=images.astype(np.float32), label=np.zeros(4, int)),
+           "shape": dict(image=np.zeros((4, 8, 8, 1), np.uint8), label=np.zeros(4, int)),
+           "labels": dict(image=images, label=np.array([0, 3, 10, 2])),
+           "nolabel": dict(image=images)}
+  for name, arrays in files.items():
+    np.savez(tmp_path / f"{name}.npz", **arrays)
+  (tmp_path / "text.npz").write_text("not a zip")
+  says = {"float": "'image' must be uint8", "shape": "'image' must have shape (N, 16, 16, 1)",
+          "labels": "labels must lie in [0, 10)", "nolabel": "no 'label' array",
+          "text": "not a readable .npz file"}
+  cases = [[f"--config={QUICKSTART}", f"--workdir={tmp_path / name}",
+            f"--config.data.extra=('{tmp_path / name}.npz',)", "--config.data.extra_fraction=0.5"]
+           for name in says]
+  for (name, words), result in zip(says.items(), _drive("main", cases, tmp_path)):
+    _check(result, words, 2)
+    assert f"{name}.npz" in result["stderr"] and not (tmp_path / name).exists(), name
 
 
 def test_bad_batch_size_for_the_device_count(tmp_path):
