@@ -188,13 +188,36 @@ class _PendingMetrics:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+class _DataWait:
+  """Seconds the loop spent blocked on the input pipeline, since the last `take`."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def timed(self, batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, each `next` timed."""
+    while True:
+      start = time.perf_counter()
+      batch = next(batches, None)
+      self.seconds += time.perf_counter() - start
+      if batch is None:
+        return
+      yield batch
+
+  def take(self) -> float:
+    seconds, self.seconds = self.seconds, 0.0
+    return seconds
+
+
 def _log_train(run: _Run, pending: _PendingMetrics, *, step: int, epoch: int,
-               elapsed_s: float, bar: tqdm.tqdm) -> None:
+               elapsed_s: float, data_wait: _DataWait, bar: tqdm.tqdm) -> None:
+  """The mean of the step metrics since the last row, with `data_wait_s`: the seconds the
+  loop waited for batches meanwhile (near 0 when the read-ahead keeps up)."""
   if not pending.rows:
     return
   summary = pending.pop_mean(run)
   run.writer.write(step, {f"train/{k}": v for k, v in summary.items()}, epoch=epoch,
-                   elapsed_s=elapsed_s)
+                   elapsed_s=elapsed_s, data_wait_s=round(data_wait.take(), 6))
   bar.set_postfix({k: f"{v:.3f}" for k, v in summary.items()
                    if k in ("loss", "accuracy", "adv_accuracy")})
 
@@ -244,11 +267,12 @@ def _loop(run: _Run, state: TrainState) -> dict:
   pending = _PendingMetrics()
   last_eval = None
   start_time = time.time()
+  data_wait = _DataWait()
   with (run.ckpt.preemption_guard(),
         tqdm.tqdm(total=run.total_steps, initial=step, disable=not run.is_main, desc=c.name,
                   unit="step") as bar,
         contextlib.closing(_batches(run, step)) as batches):
-    for local in batches:
+    for local in data_wait.timed(batches):
       batch = parallel.shard_batch(run.mesh, local)
       state, metrics = run.step_fn(state, batch)
       del batch, local
@@ -257,7 +281,7 @@ def _loop(run: _Run, state: TrainState) -> dict:
       pending.add(step, metrics)
       if step % c.train.log_every_steps == 0 or step == run.total_steps:
         _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
-                   bar=bar)
+                   data_wait=data_wait, bar=bar)
       bar.update(1)
       end_of_epoch = step % run.steps_per_epoch == 0
       completed = step // run.steps_per_epoch
@@ -274,7 +298,7 @@ def _loop(run: _Run, state: TrainState) -> dict:
       # The last step finishes the run (results below) even if SIGTERM came meanwhile.
       if run.ckpt.reached_preemption(step) and step < run.total_steps:
         _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
-                   bar=bar)
+                   data_wait=data_wait, bar=bar)
         run.ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
         if run.is_main:
           print(f"preempted: saved step {step} to {run.workdir}; rerun the same command "

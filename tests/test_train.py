@@ -283,7 +283,8 @@ def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defen
   """Both recipe configs train with an extra source, with and without a defense; every
   batch the step receives holds round(0.7 x 32) = 22 extra images (all pixels the marker,
   flagged by "extra") after 10 real ones (never all marker), as an epoch of
-  ceil(64 / 32) = 2 steps; the results are finite."""
+  ceil(64 / 32) = 2 steps; the results are finite; each train row says how long the loop
+  waited for data (`data_wait_s`, within its elapsed time)."""
   config = _generated_tiny(recipe, defense, write_extra(tmp_path / "extra.npz", 100, (8, 8, 3)))
   batches, seen = train._batches, []
 
@@ -298,6 +299,9 @@ def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defen
   assert results["steps"] == 4 and len(seen) == 4
   assert all(marked == flags == [False] * 10 + [True] * 22 for marked, flags in seen)
   assert np.isfinite(results["natural_accuracy"]) and np.isfinite(results["robust_accuracy"])
+  rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert train_rows and all(0 <= r["data_wait_s"] <= r["elapsed_s"] for r in train_rows)
 
 
 def _tiny_step_setup(recipe, objective_name="natural"):
