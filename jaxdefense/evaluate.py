@@ -6,7 +6,8 @@ checkpoint and runs the attacks of `config.eval.protocol` (`protocols.PROTOCOLS`
 `config.eval.attacks` when set, over the first `config.eval.num_examples` test points,
 batched and sharded over all devices. Each attack yields a per-point "still correct"
 vector; the worst case is correct naturally and under every attack run (FSR's "Ensemble"
-under the fsr protocol). Results go to `DIR/eval.json` and the table to `DIR/eval.md`.
+under the fsr protocol). Results go to `DIR/eval.json` and the table to `DIR/eval.md`; an
+evaluation that ran AutoAttack also writes `DIR/robustbench.json` (`robustbench_record`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tqdm
 from etils import epath
 
 from jaxdefense import (attacks, build, data, defenses, guard, parallel, paths, protocols,
-                        validation)
+                        robustbench_record, validation)
 from jaxdefense.protocols import EvalAttack
 
 # (x', labels, key) -> per point (correct, finite), each (N,): an attack bound to a model.
@@ -269,6 +270,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
     table = markdown_table(results, caption)
     paths.write_text(workdir / "eval.md", table)
     print(table, flush=True)
+    listing = robustbench_record.record(report, config)
+    if listing is not None:
+      paths.write_text(workdir / "robustbench.json", json.dumps(listing, indent=2))
+      print(f"robustbench.json: RobustBench's model_info record (fill in "
+            f"{', '.join(robustbench_record.TO_FILL)})"
+            + "".join(f"; note: {check}" for check in listing["checks"]), flush=True)
     if progress.exists():
       progress.rmtree()
   return report

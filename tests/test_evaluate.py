@@ -40,7 +40,8 @@ def trained_fsr(tmp_path_factory, rolled_attack_loops):
 def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
   """Every attack drives a naturally trained model far below its natural accuracy; no
   robust accuracy exceeds natural; the worst case is at most every attack; evaluating the
-  final checkpoint reproduces the natural accuracy training logged; eval.json/eval.md."""
+  final checkpoint reproduces the natural accuracy training logged; eval.json/eval.md, and
+  robustbench.json with AutoAttack's and the natural accuracy."""
   config, workdir, logged = trained_fsr
   report = evaluate.run(config, workdir, which="latest")
   r = report["results"]
@@ -66,6 +67,9 @@ def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
   for title in ("Natural", "FGSM", "PGD-20", "C&W", "AA", "Worst case"):
     assert f"| {title}" in table or f" {title} |" in table
   assert f"| PGD-20 | {r['pgd20']['time_s']:.1f} | 1920 | 1920 |" in table
+  listing = json.load(open(os.path.join(workdir, "robustbench.json")))
+  assert listing["autoattack_acc"] == f"{100 * r['autoattack']['accuracy']:.2f}"
+  assert listing["clean_acc"] == f"{100 * natural:.2f}" and listing["dataset"] == "digits"
 
 
 def test_bfloat16_evaluation_is_close_to_float32(trained_fsr):
