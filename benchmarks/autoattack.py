@@ -10,6 +10,8 @@ torchattacks' AutoAttack.
     python benchmarks/autoattack.py --workdir=workdirs/quickstart --points=60 \
         --components=apgd_ce,apgd_t,fab_t,square
     python benchmarks/autoattack.py --model=resnet18 --points=8 --budget=0.05
+    python benchmarks/autoattack.py --workdir=workdirs/quickstart --points=120 --norm=l1 \
+        --eps=2 --peers=auto-attack
 
 Models. `quickstart` (default): the quick-start checkpoint in `--workdir`, moved to PyTorch
 with `jaxdefense.convert` (layout `resnet18`: kuangliu's ResNet, here with three stages of
@@ -62,6 +64,7 @@ from jaxdefense import (  # noqa: E402
 COMPONENTS = ("standard", "apgd_ce", "apgd_t", "fab_t", "square")
 # fra31/auto-attack's names for them (its `attacks_to_run`).
 REFERENCE_NAMES = {"apgd_ce": "apgd-ce", "apgd_t": "apgd-t", "fab_t": "fab-t", "square": "square"}
+REFERENCE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 PEERS = ("auto-attack", "torchattacks")
 # model -> (config file, its argument, layout); the random models' PyTorch modules below.
 MODELS = {"quickstart": ("quickstart.py", "none", "resnet18"),
@@ -160,7 +163,7 @@ def counted_torch(module):
   return Counted().eval()
 
 
-def jax_runner(model, variables, eps, component, seed, scale, chunks):
+def jax_runner(model, variables, eps, component, seed, scale, chunks, norm):
   """A function (x, y) -> (robust, seconds, forward, backward), compiled on its first call."""
   counter = attacks.PassCounter()
   names = None if component == "standard" else (component,)
@@ -171,8 +174,8 @@ def jax_runner(model, variables, eps, component, seed, scale, chunks):
   @jax.jit
   def attack(x, y):
     fn = counter.wrap(attacks.deployed(model, variables))
-    return attacks.autoattack(fn, x, y, jax.random.key(seed), eps=eps, attacks=names,
-                              options=options, chunks=chunks).robust
+    return attacks.autoattack(fn, x, y, jax.random.key(seed), eps=eps, norm=norm,
+                              attacks=names, options=options, chunks=chunks).robust
 
   def run(x, y):
     before = counter.forward, counter.backward
@@ -190,15 +193,17 @@ def _nchw(x, y, device: str):
           torch.tensor(np.asarray(y), dtype=torch.long, device=device))
 
 
-def run_reference(module, x, y, eps, component, seed, scale, num_classes):
+def run_reference(module, x, y, eps, component, seed, scale, num_classes, norm):
   """fra31/auto-attack's standard version (or one of its attacks with that budget)."""
   del num_classes
   import pyautoattack
   counted = counted_torch(module)
-  adversary = pyautoattack.AutoAttack(counted, norm="Linf", eps=eps, version="standard",
-                                      device=_device(module), seed=seed)
+  adversary = pyautoattack.AutoAttack(counted, norm=REFERENCE_NORMS[norm], eps=eps,
+                                      version="standard", device=_device(module), seed=seed)
   steps, queries = budget(scale)
   adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
+  # Under L1 its APGDs run `n_iter_orig` iterations (the decreasing-eps schedule).
+  adversary.apgd.n_iter_orig = adversary.apgd_targeted.n_iter_orig = steps
   adversary.square.n_queries = queries
   if component != "standard":
     adversary.attacks_to_run = [REFERENCE_NAMES[component]]
@@ -211,11 +216,12 @@ def run_reference(module, x, y, eps, component, seed, scale, num_classes):
   return _robust(module, x_adv, yt), seconds, *counted.passes
 
 
-def run_torchattacks(module, x, y, eps, component, seed, scale, num_classes):
+def run_torchattacks(module, x, y, eps, component, seed, scale, num_classes, norm):
   """torchattacks' APGD / APGDT / FAB-T / Square (its AutoAttack's MultiAttack at the
-  standard budget) on the correctly classified points."""
+  standard budget) on the correctly classified points (L-inf only here)."""
   import torch
   import torchattacks
+  del norm
   counted = counted_torch(module)
   steps, queries = budget(scale)
   make = {
@@ -274,6 +280,8 @@ def main() -> None:
   p.add_argument("--model", default="quickstart", choices=sorted(MODELS))
   p.add_argument("--workdir", default="workdirs/quickstart", help="quickstart: its workdir")
   p.add_argument("--points", type=int, default=60)
+  p.add_argument("--norm", default="linf", choices=sorted(REFERENCE_NORMS),
+                 help="the threat model (l2, l1: give --eps; torchattacks: linf only)")
   p.add_argument("--eps", type=float, default=None,
                  help="default: the quick-start config's eval.eps; 0.1/255 for random models")
   p.add_argument("--components", default=",".join(COMPONENTS))
@@ -302,6 +310,8 @@ def main() -> None:
     p.error(f"--budget must lie in (0, 1], got {a.budget}")
   if a.repeats < 1 or a.points < 1:
     p.error("--repeats and --points must be >= 1")
+  if a.norm != "linf" and (a.eps is None or "torchattacks" in peers):
+    p.error(f"--norm={a.norm} needs --eps and --peers=auto-attack (torchattacks: linf only)")
   xla_flags.set_cpu_defaults()
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
@@ -313,21 +323,22 @@ def main() -> None:
     torch_clean = module(_nchw(x, y, a.torch_device)[0])[0].argmax(1).cpu().numpy() == y
   jax_clean = np.asarray(jnp.argmax(attacks.deployed(model, variables)(x).logits, -1)) == y
   steps, queries = budget(a.budget)
-  print(f"{what}; eps {eps:.5f} L-inf; {steps} iterations, {queries} Square queries; clean "
+  print(f"{what}; eps {eps:.5f} {a.norm}; {steps} iterations, {queries} Square queries; clean "
         f"accuracy jaxdefense {jax_clean.mean():.2%}, PyTorch {torch_clean.mean():.2%}; "
         f"jax on {jax.devices()[0].platform}, torch {torch.__version__} on {a.torch_device} "
         f"({torch.get_num_threads()} CPU threads); peers: {', '.join(peers)}", flush=True)
   rows = []
   for component in components:
-    run_jax = jax_runner(model, variables, eps, component, a.seed, a.budget, a.chunks)
+    run_jax = jax_runner(model, variables, eps, component, a.seed, a.budget, a.chunks, a.norm)
     runs = {side: [] for side in ["jaxdefense", *peers]}
     for repeat in range(a.repeats + 1):  # jax's first run compiles: an extra run.
       runs["jaxdefense"].append(run_jax(x, y))
       if repeat < a.repeats:
         for peer in peers:
           runs[peer].append(RUNNERS[peer](module, x, y, eps, component, a.seed, a.budget,
-                                          num_classes))
+                                          num_classes, a.norm))
     row = {"model": a.model, "component": component, "points": a.points, "eps": eps,
+           "norm": a.norm,
            "iterations": steps, "queries": queries, "chunks": a.chunks}
     jax_robust = runs["jaxdefense"][-1][0]
     for side, results in runs.items():

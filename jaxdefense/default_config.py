@@ -133,15 +133,21 @@ def get() -> ml_collections.ConfigDict:
   c.eval.attacks = ()
   c.eval.adaptive_steps = 100         # PGD steps on the defense's own training loss.
   c.eval.eot_samples = 20             # Gumbel-mask draws averaged per EOT step.
-  # AutoAttack's budgets (apgd_ce = APGD-CE, ...), the standard version's by default, e.g.
+  # AutoAttack's budgets (apgd_ce = APGD-CE, ...): None keeps the version's for the norm
+  # (attacks.auto_attack.version_options: L-inf / L2 standard APGD-CE 1 restart, APGD-T 9
+  # targets; L1 APGD-CE 5 restarts, APGD-T 5 targets over decreasing eps), e.g.
   # --config.eval.autoattack_options.square.queries=1000 (the rand version's EOT draws are
   # eval.eot_samples).
+  number = lambda: ml_collections.config_dict.placeholder(int)  # A fresh field each.
+  flag = lambda: ml_collections.config_dict.placeholder(bool)
   c.eval.autoattack_options = ml_collections.ConfigDict({
-      "apgd_ce": {"steps": 100, "restarts": 1},
-      "apgd_dlr": {"steps": 100, "restarts": 1},
-      "apgd_t": {"steps": 100, "restarts": 1, "n_target": 9},
-      "fab_t": {"steps": 100, "restarts": 1, "n_target": 9},
-      "square": {"queries": 5000, "restarts": 1, "p_init": 0.8},
+      "apgd_ce": {"steps": number(), "restarts": number(), "largereps": flag()},
+      "apgd_dlr": {"steps": number(), "restarts": number()},
+      "apgd_t": {"steps": number(), "restarts": number(), "n_target": number(),
+                 "largereps": flag()},
+      "fab_t": {"steps": number(), "restarts": number(), "n_target": number()},
+      "square": {"queries": number(), "restarts": number(),
+                 "p_init": ml_collections.config_dict.placeholder(float)},
   })
 
   # > 1 (one device only): each AutoAttack attack runs on the points still robust,

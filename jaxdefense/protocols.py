@@ -14,11 +14,11 @@ from typing import Any, Mapping
 import ml_collections
 
 from jaxdefense import defenses
-from jaxdefense.attacks import losses
+from jaxdefense.attacks import auto_attack, losses
 
 METHODS = ("fgsm", "pgd", "autoattack")
 LOSS_BASES = ("ce", "cw", "defense")
-NORM_TITLES = {"linf": "L-inf", "l2": "L2"}  # The threat models' names in the report.
+NORM_TITLES = {"linf": "L-inf", "l2": "L2", "l1": "L1"}  # The threat models' report names.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +101,18 @@ CAS_STEP_FRACTION = 0.003 / 0.031
 FSR_TEST = "wkim97/FSR test.py"
 CAS_TEST = "bymavis/CAS_ICLR2021 Trades/pgd_attack_cifar10_cas.py"
 CIFS_TEST = "HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py --is_joint 1"
-BOTH = ("linf", "l2")
+BOTH = ("linf", "l2", "l1")  # The attacks defined for every norm.
 
 
 def suite(e: ml_collections.ConfigDict) -> dict[str, EvalAttack]:
   """Every attack the evaluation knows, configured from `config.eval`."""
   cw50, defense_loss = AttackLoss("cw", 50.0), AttackLoss("defense")
   heads_ce, heads_cw50 = AttackLoss(heads=True), AttackLoss("cw", 50.0, heads=True)
-  options = {k: dict(v) for k, v in e.autoattack_options.items()}
-  rand_options = {k: {"eot_samples": e.eot_samples, **options[k]}
-                  for k in ("apgd_ce", "apgd_dlr")}
+  overrides = {k: dict(v) for k, v in e.autoattack_options.items()}
+  options = auto_attack.resolve_options("standard", e.norm, overrides)
+  rand_options = auto_attack.resolve_options(
+      "rand", e.norm, {k: {**overrides[k], "eot_samples": e.eot_samples}
+                       for k in ("apgd_ce", "apgd_dlr")})
   labelled = defenses.LABELLED
   return {
       "fgsm": EvalAttack("FGSM", "fgsm", source=FSR_TEST),

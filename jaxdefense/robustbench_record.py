@@ -21,9 +21,10 @@ from typing import Any
 
 import ml_collections
 
-from jaxdefense import default_config
+from jaxdefense.attacks import auto_attack
 
-THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
+THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+LEADERBOARD_NORMS = ("linf", "l2")
 LEADERBOARD_TEST_POINTS = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
 ARCH_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
               "preact_resnet18": "PreActResNet-18", "wrn34_10": "WideResNet-34-10",
@@ -51,8 +52,9 @@ def architecture(config: ml_collections.ConfigDict) -> str:
   return name
 
 
-def _standard_options() -> dict[str, dict[str, Any]]:
-  return default_config.get().eval.autoattack_options.to_dict()
+def standard_options(norm: str) -> dict[str, dict[str, Any]]:
+  """The standard version's budgets under `norm`, as eval.json reports an AutoAttack's."""
+  return auto_attack.resolve_options("standard", norm)
 
 
 def record(report: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -76,9 +78,13 @@ def record(report: dict[str, Any], config: ml_collections.ConfigDict) -> dict[st
   if attack["version"] != "standard":
     checks.append(f"the {attack['version']} version of AutoAttack ran; the leaderboard's is "
                   "the standard one (protocol autoattack)")
-  if attack["options"] != _standard_options():
+  if report["norm"] not in LEADERBOARD_NORMS:
+    checks.append(f"RobustBench has no {THREAT_MODELS[report['norm']]} leaderboard (it has "
+                  f"{', '.join(THREAT_MODELS[n] for n in LEADERBOARD_NORMS)})")
+  standard = standard_options(report["norm"])
+  if attack["options"] != standard:
     checks.append(f"AutoAttack ran with budgets {attack['options']}, not the standard "
-                  f"version's {_standard_options()}")
+                  f"version's {standard}")
   footnote = [f"Evaluated with jaxdefense ({report['checkpoint']} checkpoint, step "
               f"{report['step']}, {report['dtype']} compute)."]
   if config.data.extra:

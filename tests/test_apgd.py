@@ -184,8 +184,10 @@ def test_stochastic_model_with_eot(trained):
 def test_bad_input_raises(trained):
   model_fn, x, y = trained
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match="'l1'.*linf, l2"):
-    apgd(model_fn, x, y, key, eps=EPS, norm="l1")
+  with pytest.raises(ValueError, match="'l0'.*linf, l2, l1"):
+    apgd(model_fn, x, y, key, eps=EPS, norm="l0")
+  with pytest.raises(ValueError, match="largereps.*'l1' only"):
+    apgd(model_fn, x, y, key, eps=EPS, norm="l2", largereps=True)
   with pytest.raises(ValueError, match="'hinge'.*ce, dlr"):
     apgd(model_fn, x, y, key, eps=EPS, loss="hinge")
   with pytest.raises(ValueError, match="eps must be >= 0"):

@@ -434,10 +434,10 @@ def test_bad_attack_arguments_rejected(tiny):
   """Unknown norm, negative eps, negative steps and random_start without a key raise
   ValueErrors that name the value and what is allowed."""
   model_fn, x, labels = tiny
-  with pytest.raises(ValueError, match=r"unknown norm 'l1'; allowed: linf, l2"):
+  with pytest.raises(ValueError, match=r"unknown norm 'l0'; allowed: linf, l2, l1"):
     attacks.pgd(model_fn, x, labels, jax.random.key(0), eps=0.1, step_size=0.01, steps=2,
-                norm="l1")
-  with pytest.raises(ValueError, match=r"unknown norm 'Linf'; allowed: linf, l2"):
+                norm="l0")
+  with pytest.raises(ValueError, match=r"unknown norm 'Linf'; allowed: linf, l2, l1"):
     attacks.fgsm(model_fn, x, labels, eps=0.1, norm="Linf")
   with pytest.raises(ValueError, match=r"eps must be >= 0, got -0.1"):
     attacks.pgd(model_fn, x, labels, jax.random.key(0), eps=-0.1, step_size=0.01, steps=2)

@@ -317,8 +317,8 @@ def test_bad_input_raises(trained):
     autoattack(model_fn, x, y, key, eps=EPS, attacks=("fab",))
   with pytest.raises(ValueError, match="'iterations' for apgd_t.*steps"):
     autoattack(model_fn, x, y, key, eps=EPS, options={"apgd_t": {"iterations": 5}})
-  with pytest.raises(ValueError, match="'l1'"):
-    autoattack(model_fn, x, y, key, eps=EPS, norm="l1")
+  with pytest.raises(ValueError, match="'l0'"):
+    autoattack(model_fn, x, y, key, eps=EPS, norm="l0")
   with pytest.raises(ValueError, match="eps must be >= 0"):
     autoattack(model_fn, x, y, key, eps=-1.0)
   with pytest.raises(ValueError, match="square needs a deterministic model"):

@@ -12,7 +12,7 @@ MODEL_INFO_FIELDS = {"link", "name", "authors", "additional_data", "number_forwa
 
 def _report(accuracy=0.6731, natural=0.9244, points=10_000, data="cifar10", eps=8 / 255,
             norm="linf", version="standard", options=None):
-  options = options or default_config().eval.autoattack_options.to_dict()
+  options = options or robustbench_record.standard_options(norm)
   return {"checkpoint": "best", "step": 39200, "dtype": "float32", "data": data, "eps": eps,
           "norm": norm, "results": {
               "natural": {"accuracy": natural, "num_points": points},
@@ -35,7 +35,7 @@ def test_a_standard_autoattack_run_is_a_model_info_record():
 
 def test_what_robustbench_would_want_changed_is_listed():
   config = load_config("quickstart", "cas")
-  options = default_config().eval.autoattack_options.to_dict()
+  options = robustbench_record.standard_options("linf")
   options["square"]["queries"] = 100
   record = robustbench_record.record(
       _report(points=120, data="digits", eps=32 / 255, version="rand", options=options), config)

@@ -33,9 +33,9 @@ VERSIONS = ("standard", "rand")
 # every norm of `common.NORMS`.
 ATTACKS = ("apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "square")
 OPTIONS = {
-    "apgd_ce": ("steps", "restarts", "rho", "eot_samples", "unroll"),
-    "apgd_dlr": ("steps", "restarts", "rho", "eot_samples", "unroll"),
-    "apgd_t": ("steps", "restarts", "n_target", "rho", "eot_samples", "unroll"),
+    "apgd_ce": ("steps", "restarts", "rho", "eot_samples", "unroll", "largereps"),
+    "apgd_dlr": ("steps", "restarts", "rho", "eot_samples", "unroll", "largereps"),
+    "apgd_t": ("steps", "restarts", "n_target", "rho", "eot_samples", "unroll", "largereps"),
     "fab_t": ("steps", "restarts", "n_target", "alpha_max", "eta", "beta", "unroll"),
     "square": ("queries", "restarts", "p_init", "rescale_schedule"),
 }
@@ -55,8 +55,10 @@ def version_attacks(version: str) -> tuple[str, ...]:
   return ("apgd_ce", "apgd_dlr")
 
 
-def version_options(version: str) -> dict[str, dict[str, Any]]:
-  """Each attack's budget in a version (the reference's `set_version`)."""
+def version_options(version: str, norm: str = "linf") -> dict[str, dict[str, Any]]:
+  """Each attack's budget in a version (the reference's `set_version`); the standard
+  version under L1 runs APGD-CE with 5 restarts and APGD-T with 5 targets, both over the
+  decreasing-eps schedule (`largereps`)."""
   _check_version(version)
   options = {
       "apgd_ce": {"steps": 100, "restarts": 1},
@@ -68,6 +70,9 @@ def version_options(version: str) -> dict[str, dict[str, Any]]:
   if version == "rand":
     options["apgd_ce"]["eot_samples"] = 20
     options["apgd_dlr"]["eot_samples"] = 20
+  if version == "standard" and norm == "l1":
+    options["apgd_ce"].update(restarts=5, largereps=True)
+    options["apgd_t"].update(n_target=5, largereps=True)
   return options
 
 
@@ -102,7 +107,7 @@ def _attack_fn(name: str) -> Callable[..., jax.Array]:
   return {"apgd_t": apgd_targeted, "fab_t": fab_targeted, "square": square}[name]
 
 
-def _resolve(version: str, attacks: Sequence[str] | None,
+def _resolve(version: str, norm: str, attacks: Sequence[str] | None,
              options: Mapping[str, Mapping[str, Any]] | None
              ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
   attacks = version_attacks(version) if attacks is None else tuple(attacks)
@@ -115,7 +120,7 @@ def _resolve(version: str, attacks: Sequence[str] | None,
                        f"{', '.join(allowed)}")
   if len(set(attacks)) != len(attacks):
     raise ValueError(f"each attack may appear once, got {list(attacks)}")
-  resolved = version_options(version)
+  resolved = version_options(version, norm)
   for name, overrides in (options or {}).items():
     if name not in ATTACKS:
       raise ValueError(f"options for unknown attack {name!r}; allowed: {', '.join(ATTACKS)}")
@@ -125,6 +130,18 @@ def _resolve(version: str, attacks: Sequence[str] | None,
                          f"{', '.join(OPTIONS[name])}")
     resolved[name].update(overrides)
   return attacks, resolved
+
+
+def resolve_options(version: str, norm: str,
+                    overrides: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+  """The budgets of the attacks `version` runs under `norm`: its `version_options`, with
+  `overrides` (None values keep the version's) applied; the values are not checked
+  (`check_options` does)."""
+  given = {name: {k: v for k, v in values.items() if v is not None}
+           for name, values in (overrides or {}).items()}
+  attacks, resolved = _resolve(version, norm, None, given)
+  return {name: resolved[name] for name in attacks}
 
 
 def check_options(version: str, norm: str,
@@ -139,11 +156,14 @@ def check_options(version: str, norm: str,
   every attack's resolved options)."""
   _check_version(version)
   check_norm(norm)
-  attacks, resolved = _resolve(version, attacks, options)
+  attacks, resolved = _resolve(version, norm, attacks, options)
   for name, values in resolved.items():
     for option, value in values.items():
       if option in _OPTION_RULES:
         _OPTION_RULES[option](f"{name}.{option}", value)  # "apgd_ce.steps must be ..."
+    if values.get("largereps") and norm != "l1":
+      raise ValueError(f"{name}.largereps (the decreasing-eps schedule) is for norm 'l1' "
+                       f"only, got norm {norm!r}")
   if classes is not None:
     if "apgd_t" in attacks and classes < 4:
       raise ValueError(f"apgd_t: the targeted DLR loss needs >= 4 classes, got {classes}")

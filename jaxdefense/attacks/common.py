@@ -25,18 +25,21 @@ Forward = Callable[[jax.Array, Union[jax.Array, None]], ModelOutput]
 # -> (x_adv, still correct); see `run_on_robust`.
 RunFn = Callable[..., tuple[jax.Array, jax.Array]]
 
-NORMS = ("linf", "l2")  # The threat models every attack here supports.
+NORMS = ("linf", "l2", "l1")  # The threat models every attack here supports.
 
 
 # ---------------------------------------------------------------- norms and directions
 
 def per_example_norm(v: jax.Array, norm: str = "l2", *, keepdims: bool = True) -> jax.Array:
-  """||v_i||_inf = max_j |v_ij| or ||v_i||_2 = sqrt(sum_j v_ij^2) (a plain sum in XLA's
-  order; `accurate_l2_norm` for the ball's constraint), reduced over all axes but the
-  first: shaped (N, 1, ..., 1) to broadcast against v, or (N,) with `keepdims=False`."""
+  """||v_i||_inf = max_j |v_ij|, ||v_i||_2 = sqrt(sum_j v_ij^2) or ||v_i||_1 = sum_j |v_ij|
+  (plain sums in XLA's order; `accurate_l2_norm`, `accurate_l1_norm` for the ball), reduced
+  over all axes but the first: shaped (N, 1, ..., 1) to broadcast against v, or (N,) with
+  `keepdims=False`."""
   axes = tuple(range(1, v.ndim))
   if norm == "linf":
     return jnp.max(jnp.abs(v), axis=axes, keepdims=keepdims)
+  if norm == "l1":
+    return jnp.sum(jnp.abs(v), axis=axes, keepdims=keepdims)
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=keepdims))
 
 
@@ -57,7 +60,26 @@ def ascent_direction(grad: jax.Array, norm: str, *, guard: Literal["max", "add"]
   as the reference's `autopgd_base.py` computes it)."""
   if norm == "linf":
     return jnp.sign(grad)
+  if norm == "l1":
+    return sparse_l1_direction(grad, jnp.full(grad.shape[:1], L1_TOPK))
   return normalize(grad, "l2", guard=guard)
+
+
+# The fraction of coordinates an L1 step moves: APGD's first (Croce & Hein 2021), which
+# PGD under L1 keeps throughout.
+L1_TOPK = 0.2
+
+
+def sparse_l1_direction(grad: jax.Array, topk: jax.Array) -> jax.Array:
+  """The reference's L1 step direction (autopgd_base.py): sign(g) on the coordinates with
+  |g_i| >= the value at ascending rank floor((1 - topk) D) (clipped to [0, D - 1]) of |g|,
+  divided by their count (+ 1e-10): unit L1 norm on about topk D coordinates. topk (N,)."""
+  n, size = grad.shape[0], grad[0].size
+  flat = jnp.abs(grad.reshape(n, -1))
+  rank = jnp.clip(jnp.floor((1.0 - topk) * size), 0, size - 1).astype(jnp.int32)
+  threshold = jnp.take_along_axis(jnp.sort(flat, axis=1), rank[:, None], axis=1)
+  signs = jnp.sign(grad.reshape(n, -1)) * (flat >= threshold)
+  return (signs / (jnp.sum(jnp.abs(signs), axis=1, keepdims=True) + 1e-10)).reshape(grad.shape)
 
 
 # ---------------------------------------------------------------- the eps-ball
@@ -86,25 +108,33 @@ def _two_sum(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]):
   return s, a[1] + b[1] + error
 
 
+def _accurate_sum(values: jax.Array) -> jax.Array:
+  """Per-example sum of float32 values over all axes but the first, compensated (TwoSum),
+  shaped (N, 1, ..., 1)."""
+  axes = tuple(range(1, values.ndim))
+  zero = jnp.zeros((), jnp.float32)
+  hi, lo = jax.lax.reduce((values, jnp.zeros_like(values)), (zero, zero), _two_sum, axes)
+  return (hi + lo).reshape(values.shape[:1] + (1,) * (values.ndim - 1))
+
+
 def accurate_l2_norm(v: jax.Array) -> jax.Array:
   """Per-example ||v_i||_2 (shaped to broadcast against v), the squares summed with a
   compensated (TwoSum) reduction: within about one float32 ulp of the exact norm."""
-  squares = jnp.square(v.astype(jnp.float32))
-  axes = tuple(range(1, v.ndim))
-  zero = jnp.zeros((), jnp.float32)
-  hi, lo = jax.lax.reduce((squares, jnp.zeros_like(squares)), (zero, zero), _two_sum, axes)
-  return jnp.sqrt(hi + lo).reshape(v.shape[:1] + (1,) * (v.ndim - 1))
+  return jnp.sqrt(_accurate_sum(jnp.square(v.astype(jnp.float32))))
 
 
 def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
   """Nearest point (L-inf: exactly; L2: radially, to radius eps (1 - 2^-19)) of the
-  eps-ball around x, then [0, 1]:
+  eps-ball around x, then [0, 1] (L1: the nearest point of ball and box together, radius
+  eps (1 - 2^-19), `l1_ball_step`):
   L-inf: clip(clip(x_adv, x - eps, x + eps), 0, 1);
   L2: clip(x + delta min(1, r / max(||delta||_2, 1e-12)), 0, 1), delta = x_adv - x,
   r = eps (1 - 2^-19), shrunk further where rounding left the ball."""
   if norm == "linf":
     lo, hi = linf_bounds(x, eps)
     return jnp.clip(jnp.clip(x_adv, lo, hi), 0.0, 1.0)
+  if norm == "l1":
+    return _project_l1(x_adv, x, eps)
   radius = eps * (1 - L2_MARGIN)
   delta = x_adv - x
   delta = delta * jnp.minimum(1.0, radius / jnp.maximum(accurate_l2_norm(delta), 1e-12))
@@ -117,15 +147,92 @@ def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
 
 
 def random_start(keys: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-  """P(x + eps t / (||t|| + 1e-12)) with t ~ U[-1, 1]^D (L-inf) or N(0, I) (L2), one draw
-  per example from its own key (the reference's APGD start; FAB's restarts at eps / 2)."""
+  """P(x + eps t / (||t|| + 1e-12)) with t ~ U[-1, 1]^D (L-inf) or N(0, I) (L2); L1:
+  P(x + t), t ~ N(0, I); one draw per example from its own key (the reference's APGD
+  start; FAB's restarts at eps / 2)."""
   shape = x.shape[1:]
   if norm == "linf":
     t = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
   else:
     t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+  if norm == "l1":  # The reference's L1 start: x + t, projected onto ball and box.
+    return project(x + t, x, eps, "l1")
   # (eps t) / (||t|| + 1e-12), in this order: eps * normalize(t) would round differently.
   return project(x + eps * t / (per_example_norm(t, norm) + 1e-12), x, eps, norm)
+
+
+def bisect_decreasing(decreasing: Callable[[jax.Array], jax.Array], target: jax.Array,
+                      lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row, the adjacent float32 pair (lo, hi) with f(lo) >= target > f(hi) for a
+  non-increasing f given f(lo) >= target > f(hi) (a row given lo = hi is left as it is):
+  bisection until the midpoint is lo or hi
+  (at most ~280 halvings cover every float32 in [0, 1]; the loop stops when all rows are
+  done). The hyperplane and L1 projections find their segment by it instead of sorting: on
+  the CPU, XLA's sort of the (2N, D) rows costs more than the model's forward pass, the
+  bisection's O(D) sums a fraction of it (measured: benchmarks/RESULTS.md, 'AutoAttack,
+  quiet machine')."""
+  def cond(s):
+    lo, hi = s
+    mid = (lo + hi) / 2
+    return jnp.any((mid > lo) & (mid < hi))
+
+  def body(s):
+    lo, hi = s
+    mid = (lo + hi) / 2
+    above = decreasing(mid) >= target
+    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+  return jax.lax.while_loop(cond, body, (lo, hi))
+
+
+# ---------------------------------------------------------------- the L1 ball
+
+# As for L2, the L1 ball's radius is taken 2^-19 inside eps, measured by a compensated sum.
+L1_MARGIN = 2.0 ** -19
+
+
+def accurate_l1_norm(v: jax.Array) -> jax.Array:
+  """Per-example ||v_i||_1 (shaped to broadcast against v), the |v_ij| summed with a
+  compensated (TwoSum) reduction: within about one float32 ulp of the exact sum."""
+  return _accurate_sum(jnp.abs(v.astype(jnp.float32)))
+
+
+def l1_ball_step(x: jax.Array, y: jax.Array, eps) -> jax.Array:
+  """The reference's `L1_projection` (autopgd_base.py): the d for which y + d is the
+  Euclidean projection of the perturbation y onto {||delta||_1 <= eps, 0 <= x + delta <= 1}.
+
+  Per coordinate |y_i| shrinks, its sign kept, by r_i = min(max(v_i, alpha), |y_i|), where
+  v_i = max(0, x_i + y_i - 1, -(x_i + y_i)) is what the box needs; alpha = 0 if the box
+  alone brings ||y||_1 to eps or below, else the alpha >= 0 with sum_i r_i = ||y||_1 - eps
+  (r is piecewise linear and non-decreasing in alpha). The reference finds alpha's segment
+  by a binary search over the sorted breakpoints {v_i, |y_i|}; here it is bracketed by
+  bisection on alpha and alpha solved on it. x, y (N, ...); d has their shape."""
+  shape = y.shape
+  x, y = x.reshape(shape[0], -1).astype(jnp.float32), y.reshape(shape[0], -1)
+  size = jnp.abs(y)
+  need = jnp.maximum(0.0, jnp.maximum(x + y - 1.0, -(x + y)))
+  excess = jnp.sum(size, axis=1) - eps  # What the shrinking must remove in all.
+  thresholded = jnp.sum(need, axis=1) < excess
+  removed = lambda alpha: jnp.sum(jnp.minimum(jnp.maximum(need, alpha[:, None]), size), axis=1)
+  lo, hi = bisect_decreasing(lambda a: -removed(a), -excess, jnp.zeros_like(excess),
+                             jnp.where(thresholded, jnp.max(size, axis=1), 0.0))
+  top, bottom = size <= lo[:, None], need >= hi[:, None]  # Saturated on the segment.
+  free = ~top & ~bottom
+  fixed = jnp.sum(jnp.where(top, size, jnp.where(bottom, need, 0.0)), axis=1)
+  count = jnp.sum(free, axis=1)
+  alpha = jnp.clip((excess - fixed) / jnp.maximum(count, 1), lo, hi)
+  alpha = jnp.where(thresholded & (count > 0), alpha, jnp.where(thresholded, hi, 0.0))
+  shrink = jnp.minimum(jnp.maximum(need, alpha[:, None]), size)
+  return (-jnp.sign(y) * shrink).reshape(shape)
+
+
+def _project_l1(x_adv: jax.Array, x: jax.Array, eps) -> jax.Array:
+  radius = eps * (1 - L1_MARGIN)
+  delta = x_adv - x
+  delta = jnp.clip(x + delta + l1_ball_step(x, delta, radius), 0.0, 1.0) - x
+  outside = lambda d: accurate_l1_norm(jnp.clip(x + d, 0.0, 1.0) - x) > radius
+  delta = jax.lax.while_loop(lambda d: jnp.any(outside(d)),
+                             lambda d: jnp.where(outside(d), d * (1 - L1_MARGIN), d), delta)
+  return jnp.clip(x + delta, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------- argument checks

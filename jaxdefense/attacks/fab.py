@@ -1,9 +1,9 @@
-"""FAB-T: targeted Fast Adaptive Boundary attack, L-inf and L2 (Croce & Hein, ICML 2020).
+"""FAB-T: targeted Fast Adaptive Boundary attack, L-inf, L2 and L1 (Croce & Hein, ICML 2020).
 
 Follows the reference implementation (github fra31/auto-attack, `fab_base.py`, `fab_pt.py`,
 `fab_projections.py`): at x_k the decision boundary between the true class y and the target
 t is linearised, f_t - f_y + <grad(f_t - f_y), v - x_k> = 0, and both x_k and the clean x
-are projected onto it (box-constrained, minimal L-inf or L2 norm). The step is the convex
+are projected onto it (box-constrained, minimal L-inf, L2 or L1 norm). The step is the convex
 combination
 
   x_{k+1} = clip01((1 - alpha)(x_k + eta d_k) + alpha (x + eta d_0)),
@@ -16,41 +16,17 @@ the eps-ball. Masked execution and per-example keys as in `auto_pgd.apgd`.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from jaxdefense.attacks.common import (
-    ModelFn, check_eps, check_n_target, check_norm, check_positive, check_restarts, example_keys,
-    loop_unroll, make_forward, num_classes, per_example_norm, per_point, predicts, project,
-    random_start, run_on_robust, target_classes)
+    ModelFn, bisect_decreasing, check_eps, check_n_target, check_norm, check_positive,
+    check_restarts, example_keys, loop_unroll, make_forward, num_classes, per_example_norm,
+    per_point, predicts, project, random_start, run_on_robust, target_classes)
 
 
 def _take(v: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(v, index, axis=1)
-
-
-def _bisect(decreasing: Callable[[jax.Array], jax.Array], target: jax.Array, lo: jax.Array,
-            hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per row, the adjacent float32 pair (lo, hi) with f(lo) >= target > f(hi) for a
-  non-increasing f given f(lo) >= target > f(hi) (a row given lo = hi is left as it is):
-  bisection until the midpoint is lo or hi
-  (at most ~280 halvings cover every float32 in [0, 1]; the loop stops when all rows are
-  done). No sort: on the CPU, XLA's sort of the (2N, D) rows costs more than the model's
-  forward pass, the bisection's O(D) sums a fraction of it (measured: benchmarks/RESULTS.md,
-  'AutoAttack, quiet machine')."""
-  def cond(s):
-    lo, hi = s
-    mid = (lo + hi) / 2
-    return jnp.any((mid > lo) & (mid < hi))
-
-  def body(s):
-    lo, hi = s
-    mid = (lo + hi) / 2
-    above = decreasing(mid) >= target
-    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-  return jax.lax.while_loop(cond, body, (lo, hi))
 
 
 def project_linf_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -78,7 +54,7 @@ def project_linf_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Arr
 
   g = lambda lam: -jnp.sum(weight * jnp.minimum(lam[:, None], p), axis=1)
   # Rows not searched start converged (lo = hi): the loop runs for the searched ones only.
-  lo, hi = _bisect(g, change, jnp.where(searched, smallest_p, 0.0),
+  lo, hi = bisect_decreasing(g, change, jnp.where(searched, smallest_p, 0.0),
                    jnp.where(searched, jnp.max(p, axis=1), 0.0))
   free = p > lo[:, None]  # Unsaturated on the segment: p_i >= hi.
   lam = jnp.maximum((-jnp.sum(jnp.where(free, 0.0, weight * p), axis=1) - change)
@@ -110,7 +86,7 @@ def project_l2_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array
   reachable = jnp.sum(w_face, axis=1) <= -c  # Every coordinate at its face reaches the plane.
 
   h = lambda lam: jnp.sum(jnp.where(r <= lam[:, None], w_face, -lam[:, None] * w * w), axis=1)
-  lo, hi = _bisect(h, -c, jnp.zeros_like(c), jnp.where(reachable, largest_r, 0.0))
+  lo, hi = bisect_decreasing(h, -c, jnp.zeros_like(c), jnp.where(reachable, largest_r, 0.0))
   free = nonzero & (r > lo[:, None])
   remaining = jnp.sum(jnp.where(free, w * w, 0.0), axis=1)
   lam = jnp.where(remaining > 0,
@@ -121,7 +97,48 @@ def project_l2_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array
   return jnp.where(nonzero, d, 0.0)
 
 
-PROJECTIONS = {"linf": project_linf_hyperplane, "l2": project_l2_hyperplane}
+def project_l1_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """Per row, the d of least ||d||_1 with <w, t + d> = b and 0 <= t + d <= 1 (where the
+  box allows it; otherwise the box corner closest to the hyperplane), rows of (M, D).
+
+  With the sign chosen so that c = <w, t> - b >= 0, moving coordinate i to the face that
+  lowers <w, .> changes it by s_i = min(-w_i t_i, w_i (1 - t_i)) at a cost of
+  r_i = 1 / |w_i| per unit change: the cheapest coordinates (smallest r) move whole, in
+  order, until the next one, moved part way, closes the remaining gap (the reference sorts
+  by r and binary-searches the cumulative sums; here the r at which the gap closes is
+  bracketed by bisection and the coordinates with that r share the partial move). Entries
+  with |w_i| <= 1e-8 are left at zero, as in the reference."""
+  c = jnp.sum(w * t, axis=1) - b
+  side = jnp.where(c >= 0, 1.0, -1.0)
+  w, c = w * side[:, None], c * side
+  nonzero = w != 0
+  face = jnp.where(w < 0, 1.0 - t, -t) * nonzero  # The move to the lowering face.
+  change = jnp.minimum(-w * t, w * (1.0 - t))     # <= 0: what that move does to <w, .>.
+  r = jnp.where(nonzero, 1.0 / jnp.abs(jnp.where(nonzero, w, 1.0)), jnp.inf)
+  gap = lambda rho: c + jnp.sum(jnp.where(r <= rho[:, None], change, 0.0), axis=1)
+  largest_r = jnp.max(jnp.where(nonzero, r, 0.0), axis=1)
+  reachable = (c + jnp.sum(change, axis=1) < 0) & (c > 0)
+  lo, hi = bisect_decreasing(gap, jnp.zeros_like(c), jnp.zeros_like(c),
+                             jnp.where(reachable, largest_r, 0.0))
+  whole = r <= lo[:, None]
+  partial = nonzero & ~whole & (r <= hi[:, None])
+  share = gap(lo) / jnp.maximum(-jnp.sum(jnp.where(partial, change, 0.0), axis=1), 1e-30)
+  d = jnp.where(whole, face, jnp.where(partial, face * share[:, None], 0.0))
+  d = jnp.where(reachable[:, None], d, jnp.where((c > 0)[:, None], face, 0.0))
+  return d * (jnp.abs(w) > 1e-8)
+
+
+PROJECTIONS = {"linf": project_linf_hyperplane, "l2": project_l2_hyperplane,
+               "l1": project_l1_hyperplane}
+
+
+def fab_random_start(keys: jax.Array, x: jax.Array, radius, norm: str) -> jax.Array:
+  """FAB's restart point: clip01(x + radius t / ||t||), t ~ U[-1, 1]^D (L-inf) or N(0, I)
+  (L2, L1; the reference's, with no epsilon in the division under L1)."""
+  if norm != "l1":
+    return random_start(keys, x, radius, norm)
+  t = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(keys)
+  return jnp.clip(x + radius * t / per_example_norm(t, "l1"), 0.0, 1.0)
 
 
 def _fab_run(model_fn: ModelFn, x: jax.Array, labels: jax.Array, targets: jax.Array,
@@ -166,10 +183,10 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
                  restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, active: jax.Array | None = None,
                  unroll: int | None = None, chunks: int = 1) -> jax.Array:
-  """FAB-T (L-inf or L2): the adversarial points (inside the eps-ball), x where not fooled.
+  """FAB-T (L-inf, L2 or L1): the adversarial points (inside the eps-ball), x where not fooled.
 
   Each of the n_target targets gets `restarts` runs on the points not yet fooled; restarts
-  after the first start from x + eps/2 t / ||t||, t ~ U[-1, 1] (L-inf) or N(0, I) (L2);
+  after the first start from x + eps/2 t / ||t||, t ~ U[-1, 1] (L-inf) or N(0, I) (L2, L1);
   `chunks`: those points gathered, see `common.run_on_robust`."""
   check_eps(eps)
   check_norm(norm, attack="fab_targeted")
@@ -184,7 +201,7 @@ def fab_targeted(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Ar
   def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del run_model_key, attacked
     targets = target_classes(model_fn(x).logits, 2 + r // restarts)
-    x_start = jnp.where(r % restarts > 0, random_start(run_keys, x, eps / 2, norm), x)
+    x_start = jnp.where(r % restarts > 0, fab_random_start(run_keys, x, eps / 2, norm), x)
     adv, dist = _fab_run(model_fn, x, labels, targets, x_start, steps=steps,
                          alpha_max=alpha_max, eta=eta, beta=beta, unroll=unroll, norm=norm)
     adv = jnp.where(per_point(dist < 1e10, x.ndim), adv, x)

@@ -1,4 +1,4 @@
-"""Square Attack, L-inf and L2 (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), as
+"""Square Attack, L-inf, L2 and L1 (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), as
 AutoAttack runs it (github fra31/auto-attack, `square.py`, `resc_schedule=False`).
 
 Score-based, no gradients. L-inf start: vertical stripes x + eps * (+-1 per column and
@@ -13,6 +13,10 @@ a grid of (H // 5)-squares, each a "pseudo-Gaussian" eta (concentric rectangles 
 times +-1 per channel. Each query moves one window's content (normalised, plus a fresh
 +-eta) to a random window, zeroes a second random window, and gives the moved window the
 mass the rest of delta leaves to eps (s from the p schedule, odd, at least 3).
+
+L1: as L2 with rings weighted 1 / (k + 1)^4 and unit L1 norms, the moved window given
+the L1 mass the reference gives it, and every proposal projected onto the L1 ball and the
+box (radius eps (1 - 1e-6), `common.l1_ball_step`) instead of rescaled.
 
 Masked execution and per-example keys as in `auto_pgd.apgd`; unlike the reference, which
 draws one window position and one sign per channel for the whole batch at each query, every
@@ -31,8 +35,8 @@ import numpy as np
 from jaxdefense.attacks import losses
 from jaxdefense.attacks.common import (
     ModelFn, check_eps, check_norm, check_positive, check_restarts, check_unit_interval,
-    example_keys, fold, make_forward, normalize, per_example_norm, per_point, predicts, project,
-    run_on_robust)
+    example_keys, fold, l1_ball_step, make_forward, normalize, per_example_norm, per_point,
+    predicts, project, run_on_robust)
 
 
 def p_selection(p_init: float, it: int, queries: int, rescale_schedule: bool = False) -> float:
@@ -67,48 +71,70 @@ def square_sizes_l2(height: int, width: int, queries: int, p_init: float = 0.8,
   return np.asarray(sizes, np.int32)
 
 
-def _rectangles(rows: int, cols: int) -> np.ndarray:
-  """Concentric rectangles about (rows // 2, cols // 2), ring k weighted 1 / (k + 1)^2,
-  unit L2 norm (the reference's `eta_rectangles`)."""
+def _rectangles(rows: int, cols: int, norm: str = "l2") -> np.ndarray:
+  """Concentric rectangles about (rows // 2, cols // 2), ring k weighted 1 / (k + 1)^2
+  (L2; 1 / (k + 1)^4 under L1), unit L2 (L1) norm (the reference's `eta_rectangles`)."""
+  power = 4 if norm == "l1" else 2
   delta = np.zeros((rows, cols))
   r, c = rows // 2, cols // 2
   for k in range(max(r, c) + 1):
     delta[max(r - k, 0):min(r + k + 1, rows), max(c - k, 0):min(c + k + 1, cols)] += \
-        1.0 / (k + 1) ** 2
-  norm = np.sqrt(np.sum(delta ** 2))
-  return delta / norm if norm > 0 else delta
+        1.0 / (k + 1) ** power
+  size = _lp(delta, norm)
+  return delta / size if size > 0 else delta
 
 
-def eta(size: int) -> np.ndarray:
+def _lp(v: np.ndarray, norm: str) -> float:
+  return float(np.sum(np.abs(v))) if norm == "l1" else float(np.sqrt(np.sum(v ** 2)))
+
+
+def eta(size: int, norm: str = "l2") -> np.ndarray:
   """The (size, size) pseudo-Gaussian block: rectangles on the upper half, minus
-  rectangles on the lower half, unit L2 norm (the reference's `eta`, untransposed)."""
+  rectangles on the lower half, unit L2 (L1) norm (the reference's `eta`, untransposed)."""
   delta = np.zeros((size, size))
-  delta[:size // 2] = _rectangles(size // 2, size)
-  delta[size // 2:] = -_rectangles(size - size // 2, size)
-  return delta / np.sqrt(np.sum(delta ** 2))
+  delta[:size // 2] = _rectangles(size // 2, size, norm)
+  delta[size // 2:] = -_rectangles(size - size // 2, size, norm)
+  return delta / _lp(delta, norm)
 
 
-def _eta_table(sizes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _eta_table(sizes: np.ndarray, height: int, width: int, norm: str = "l2"
+               ) -> tuple[np.ndarray, np.ndarray]:
   """For each distinct size, eta and its transpose in the top-left corner of an (H, W)
   grid: (table (K, 2, H, W), index into it per query)."""
   distinct = sorted(set(int(s) for s in sizes))
   table = np.zeros((len(distinct), 2, height, width), np.float32)
   for k, s in enumerate(distinct):
-    table[k, 0, :s, :s] = eta(s)
-    table[k, 1, :s, :s] = eta(s).T
+    table[k, 0, :s, :s] = eta(s, norm)
+    table[k, 1, :s, :s] = eta(s, norm).T
   return table, np.asarray([distinct.index(int(s)) for s in sizes], np.int32)
 
 
-def _window_norm(v: jax.Array) -> jax.Array:
-  """Per example and channel, the L2 norm over (H, W)."""
+def _window_norm(v: jax.Array, norm: str = "l2") -> jax.Array:
+  """Per example and channel, the L2 (L1) norm over (H, W)."""
+  if norm == "l1":
+    return jnp.sum(jnp.abs(v), axis=(1, 2), keepdims=True)
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
 
 
-def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Array,
-                   attacked: jax.Array, *, eps, queries: int, sizes: np.ndarray
-                   ) -> tuple[jax.Array, jax.Array]:
-  """One L2 Square run on the `attacked` points: (best point, its margin)."""
+# Under L1 the reference projects every proposal onto the ball of radius eps (1 - 1e-6).
+L1_RADIUS = 1 - 1e-6
+
+
+def _square_run_lp(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax.Array,
+                   attacked: jax.Array, *, eps, queries: int, sizes: np.ndarray,
+                   norm: str = "l2") -> tuple[jax.Array, jax.Array]:
+  """One L2 or L1 Square run on the `attacked` points: (best point, its margin).
+
+  L2 rescales the perturbation to norm eps after each change; L1 (the reference's) gives
+  the moved window per channel the mass (max(eps - ||delta||_1, 0) / C + that of both
+  windows) x C and projects x + delta onto ball and box of radius eps (1 - 1e-6)."""
   n, height, width, channels = x.shape
+
+  def finish(delta):  # The proposal x + delta on the ball (and the box).
+    if norm == "l1":
+      return x + delta + l1_ball_step(x, delta, eps * L1_RADIUS)
+    return jnp.clip(x + normalize(delta, "l2", guard="add") * eps, 0.0, 1.0)
+
   place = jax.vmap(lambda block, top, left: jnp.roll(block, (top, left), axis=(0, 1)))
 
   def flipped(table_entry, flip_keys):  # Per example: eta or its transpose, (N, H, W, 1).
@@ -117,7 +143,7 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
 
   # Start: a grid of (H // 5)-squares from (H - 5 s) // 2, each eta x +-1 per channel.
   s0 = max(height // 5, 1)
-  start_table, _ = _eta_table(np.asarray([s0]), height, width)
+  start_table, _ = _eta_table(np.asarray([s0]), height, width, norm)
   offset = (height - 5 * s0) // 2
   delta = jnp.zeros_like(x)
   init_keys = fold(keys, 0)
@@ -132,8 +158,8 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
       block = jnp.where(_window(jnp.full(n, top), jnp.full(n, left), s0, height, width),
                         block, 0.0)
       delta = delta + block * _signs(fold(k, 1), (1, 1, channels))
-  x_best = jnp.clip(x + normalize(delta, "l2", guard="add") * eps, 0.0, 1.0)
-  table, index = _eta_table(sizes, height, width)
+  x_best = finish(delta)
+  table, index = _eta_table(sizes, height, width, norm)
   table, index, sizes = jnp.asarray(table), jnp.asarray(index), jnp.asarray(sizes)
 
   def propose(i, x_best):
@@ -145,18 +171,20 @@ def _square_run_l2(model_fn: ModelFn, x: jax.Array, labels: jax.Array, keys: jax
     window = _window(corners[:, 0], corners[:, 1], size, height, width)
     window2 = _window(corners[:, 2], corners[:, 3], size, height, width)
     delta = x_best - x
-    norm_image = per_example_norm(delta, "l2")
-    norm_window = _window_norm(jnp.where(window, delta, 0.0))
-    norm_windows = _window_norm(jnp.where(window | window2, delta, 0.0))
+    norm_image = per_example_norm(delta, norm)
+    norm_window = _window_norm(jnp.where(window, delta, 0.0), norm)
+    norm_windows = _window_norm(jnp.where(window | window2, delta, 0.0), norm)
     new = place(flipped(table[index[i]], fold(step_keys, 1)), corners[:, 0], corners[:, 1])
     new = new * _signs(fold(step_keys, 2), (1, 1, channels)) + \
         jnp.where(window, delta, 0.0) / (1e-12 + norm_window)
     new = jnp.where(window, new, 0.0)
-    budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0) / channels
-                      + norm_windows ** 2)
-    new = new / (1e-12 + _window_norm(new)) * budget
-    delta = jnp.where(window, new, jnp.where(window2, 0.0, delta))
-    return jnp.clip(x + normalize(delta, "l2", guard="add") * eps, 0.0, 1.0)
+    if norm == "l1":
+      budget = (jnp.maximum(eps - norm_image, 0.0) / channels + norm_windows) * channels
+    else:
+      budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0) / channels
+                        + norm_windows ** 2)
+    new = new / (1e-12 + _window_norm(new, norm)) * budget
+    return finish(jnp.where(window, new, jnp.where(window2, 0.0, delta)))
 
   return _search(model_fn, x_best, labels, attacked, queries, propose)
 
@@ -225,7 +253,7 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
            norm: str = "linf", queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
            rescale_schedule: bool = False, active: jax.Array | None = None,
            chunks: int = 1) -> jax.Array:
-  """Square Attack (L-inf or L2, margin loss) on NHWC images: the adversarial points, x
+  """Square Attack (L-inf, L2 or L1, margin loss) on NHWC images: the adversarial points, x
   where not fooled. Each restart runs `queries` queries on the points not yet fooled
   (`chunks`: gathered, see `common.run_on_robust`)."""
   check_eps(eps)
@@ -243,7 +271,7 @@ def square(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array, *
     run = functools.partial(_square_run, sizes=jnp.asarray(sizes))
   else:
     sizes = square_sizes_l2(x.shape[1], x.shape[2], queries, p_init, rescale_schedule)
-    run = functools.partial(_square_run_l2, sizes=sizes)
+    run = functools.partial(_square_run_lp, sizes=sizes, norm=norm)
 
   def run_fn(r, run_keys, run_model_key, x, labels, attacked):
     del r, run_model_key
