@@ -25,15 +25,19 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import (attacks, build, data, defenses, guard, parallel, paths, protocols,
-                        robustbench_record, validation)
+from jaxdefense import (attacks, autoattack_checks, build, data, defenses, guard, parallel,
+                        paths, protocols, robustbench_record, validation)
+from jaxdefense.attacks import auto_attack
 from jaxdefense.protocols import EvalAttack
 
-# (x', labels, key) -> per point (correct, finite), each (N,): an attack bound to a model.
-PointsFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (x, labels, key) -> per point (correct, finite, {name: per-point values}), each (N,): an
+# attack bound to a model; the dict holds what else the attack reports per point (e.g.
+# AutoAttack's robustness after each of its attacks, for its checks).
+PointsFn = Callable[[jax.Array, jax.Array, jax.Array],
+                    tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
-def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
+def correct_points(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
   """Per point, whether the deployed model classifies x' correctly, and whether x' and its
   logits are finite. A point where the attack went non-finite (NaN gradients make NaN
   steps) is never counted correct: argmax of NaN logits would pick a class anyway."""
@@ -41,6 +45,14 @@ def _correct(model, variables, x_adv, labels) -> tuple[jax.Array, jax.Array]:
   finite = (jnp.all(jnp.isfinite(logits), axis=-1)
             & jnp.all(jnp.isfinite(x_adv), axis=tuple(range(1, x_adv.ndim))))
   return (jnp.argmax(logits, -1) == labels) & finite, finite
+
+
+def attacked_model(attack: EvalAttack, model, variables: dict) -> attacks.ModelFn:
+  """The deterministic model a gradient attack differentiates: as deployed, or with CIFS's
+  mask a function of the input (`attack.mask_gradient`)."""
+  if attack.mask_gradient:
+    model = model.clone(defense=dataclasses.replace(model.defense, mask_stop_gradient=False))
+  return attacks.deployed(model, variables)
 
 
 def bind(attack: EvalAttack, model, defense: defenses.DefenseConfig, variables: dict, *,
@@ -53,19 +65,16 @@ def bind(attack: EvalAttack, model, defense: defenses.DefenseConfig, variables: 
 
   def fgsm(x, labels, key):
     del key
-    return _correct(model, variables, attacks.fgsm(count(deployed), x, labels, eps=eps,
-                                                   norm=norm), labels)
+    return *correct_points(model, variables, attacks.fgsm(count(deployed), x, labels, eps=eps,
+                                                    norm=norm), labels), {}
 
   def pgd(x, labels, key):
-    attacked = deployed
-    if attack.mask_gradient:  # CIFS's mask as a function of the input.
-      attacked = attacks.deployed(model.clone(defense=dataclasses.replace(
-          model.defense, mask_stop_gradient=False)), variables)
-    model_fn = count(stochastic if attack.eot_samples else attacked)
+    model_fn = count(stochastic if attack.eot_samples else
+                     attacked_model(attack, model, variables))
     x_adv = attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=attack.step_size * eps,
                         steps=attack.steps, norm=norm, random_start=attack.random_start,
                         loss=attack.loss.fn(defense), eot_samples=attack.eot_samples)
-    return _correct(model, variables, x_adv, labels)
+    return *correct_points(model, variables, x_adv, labels), {}
 
   def autoattack(x, labels, key):
     model_fn = count(stochastic if attack.version == "rand" else deployed)
@@ -73,8 +82,17 @@ def bind(attack: EvalAttack, model, defense: defenses.DefenseConfig, variables: 
                                 version=attack.version, options=attack.options,
                                 chunks=attack.chunks)
     # Scored on the model as deployed, like every other column.
-    correct, finite = _correct(model, variables, result.x_adv, labels)
-    return result.robust & correct, finite
+    correct, finite = correct_points(model, variables, result.x_adv, labels)
+    # For AutoAttack's checks: robust after each attack; an input gradient of exactly zero.
+    gradient_fn = ((lambda v: model_fn(v, jax.random.fold_in(key, 2))) if attack.version == "rand"
+                   else deployed)
+    loss = attacks.losses.dlr if gradient_fn(x).logits.shape[-1] >= 3 else \
+        attacks.losses.cross_entropy
+    gradient = attacks.input_gradient(gradient_fn, loss, x, labels)
+    extras = {f"robust_after.{k}": v for k, v in result.robust_after.items()}
+    extras["zero_gradient"] = jnp.all(gradient == 0, axis=tuple(range(1, x.ndim)))
+    extras["clean"] = result.clean
+    return result.robust & correct, finite, extras
   return {"fgsm": fgsm, "pgd": pgd, "autoattack": autoattack}[attack.method]
 
 
@@ -85,6 +103,7 @@ class BatchResult:
   seconds: float
   forward: int          # Forward passes (examples x model calls) the attack made.
   backward: int
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # Per valid point.
 
 
 class Record:
@@ -103,29 +122,32 @@ class Record:
     if self.directory is None or not self._path(name, index).exists():
       return None
     with np.load(io.BytesIO(self._path(name, index).read_bytes())) as f:
+      extras = {k[len("extra:"):]: f[k] for k in f.files if k.startswith("extra:")}
       return BatchResult(f["correct"], f["finite"], float(f["seconds"]), int(f["forward"]),
-                         int(f["backward"]))
+                         int(f["backward"]), extras)
 
   def put(self, name: str, index: int, result: BatchResult) -> None:
     if self.directory is None or jax.process_index() != 0:
       return
     buffer = io.BytesIO()
-    np.savez(buffer, **dataclasses.asdict(result))
+    fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "extras"}
+    np.savez(buffer, **fields, **{f"extra:{k}": v for k, v in result.extras.items()})
     paths.write_bytes(self._path(name, index), buffer.getvalue())
 
 
-def attack_points(name: str, fn: Callable[..., tuple[jax.Array, jax.Array]], variables: dict,
-                  images: np.ndarray, labels: np.ndarray, mesh, *, batch_size: int, seed: int,
-                  record: Record, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def attack_points(name: str, fn: Callable[..., tuple[jax.Array, jax.Array, dict]],
+                  variables: dict, images: np.ndarray, labels: np.ndarray, mesh, *,
+                  batch_size: int, seed: int, record: Record, progress: bool = True
+                  ) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
   """`fn(variables, x, labels, key, count=...)` over the points in batches (batch i with key
   fold_in(key(seed), i)), each batch's result taken from `record` if there, else computed
-  and recorded: per point correct, and the count of points with non-finite x' or logits,
-  seconds, forward and backward passes."""
+  and recorded: per point correct; the count of points with non-finite x' or logits,
+  seconds, forward and backward passes; the attack's other per-point values."""
   counter = attacks.PassCounter()
   step = jax.jit(lambda v, batch, key: fn(v, batch["x"], batch["labels"], key,
                                           count=counter.wrap))
-  out, totals = [], {"non_finite_points": 0, "time_s": 0.0, "forward_passes": 0,
-                     "backward_passes": 0}
+  out, extras, totals = [], [], {"non_finite_points": 0, "time_s": 0.0, "forward_passes": 0,
+                                 "backward_passes": 0}
   batches = list(data.eval_batches(images, labels, batch_size,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count()))
@@ -138,18 +160,53 @@ def attack_points(name: str, fn: Callable[..., tuple[jax.Array, jax.Array]], var
       batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
       batch["x"] = data.to_float(batch["x"])
       key = jax.random.fold_in(jax.random.key(seed), i)
-      correct, finite = map(parallel.to_host, step(variables, batch, key))
+      correct, finite, more = jax.tree.map(parallel.to_host, step(variables, batch, key))
       jax.effects_barrier()  # The pass-count callbacks of this batch have all run.
       valid = parallel.to_host(batch["mask"])
       result = BatchResult(correct[valid], finite[valid], time.time() - start,
-                           counter.forward - passes[0], counter.backward - passes[1])
+                           counter.forward - passes[0], counter.backward - passes[1],
+                           {k: v[valid] for k, v in more.items()})
       record.put(name, i, result)
     out.append(result.correct)
+    extras.append(result.extras)
     totals["non_finite_points"] += int(np.sum(~result.finite))
     totals["time_s"] += result.seconds
     totals["forward_passes"] += result.forward
     totals["backward_passes"] += result.backward
-  return np.concatenate(out), totals
+  return (np.concatenate(out), totals,
+          {k: np.concatenate([e[k] for e in extras]) for k in extras[0]} if extras else {})
+
+
+def _robust_after(extras: dict[str, np.ndarray]) -> dict[str, float]:
+  """AutoAttack's robust accuracy after each of its attacks, from "clean", in run order."""
+  ran = [k.split(".", 1)[1] for k in extras if k.startswith("robust_after.")]
+  order = [a for a in auto_attack.ATTACKS if a in ran]
+  return {"clean": float(np.mean(extras["clean"])),
+          **{a: float(np.mean(extras[f"robust_after.{a}"])) for a in order}}
+
+
+def autoattack_checks_of(attack: EvalAttack, model, variables, images: np.ndarray,
+                         labels: np.ndarray, mesh, extras: dict[str, np.ndarray],
+                         batch_size: int) -> list[autoattack_checks.Check]:
+  """AutoAttack's checks (`autoattack_checks`) of one AutoAttack column: on the model's
+  outputs for the first batch (drawn `RANDOMIZED_DRAWS` times, by separate calls), and on
+  the attack's per-point results."""
+  x, y, mask = next(iter(data.eval_batches(images, labels, batch_size,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())))
+  batch = parallel.shard_batch(mesh, {"x": x, "labels": y, "mask": mask})
+  forward = jax.jit(lambda v, x: attacks.deployed(model, v)(data.to_float(x)).logits)
+  valid = parallel.to_host(batch["mask"])
+  draws = [parallel.to_host(forward(variables, batch["x"]))[valid]
+           for _ in range(autoattack_checks.RANDOMIZED_DRAWS if attack.version != "rand" else 1)]
+  checks = [] if attack.version == "rand" else [
+      autoattack_checks.randomized(draws, parallel.to_host(batch["labels"])[valid])]
+  ran, options = auto_attack.check_options(attack.version, "linf", attack.options)
+  checks += [autoattack_checks.probabilities(draws[0]),
+             autoattack_checks.zero_gradients(extras["zero_gradient"], extras["clean"]),
+             autoattack_checks.square_lowered(_robust_after(extras)),
+             autoattack_checks.classes(draws[0].shape[-1], ran, options)]
+  return checks
 
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
@@ -168,7 +225,8 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   points = lambda name, fn: attack_points(name, fn, variables, images, labels, mesh,
                                           batch_size=e.batch_size, seed=e.seed, record=record,
                                           progress=progress)
-  natural, totals = points("natural", lambda v, x, y, k, count: _correct(model, v, x, y))
+  natural, totals, _ = points("natural",
+                              lambda v, x, y, k, count: (*correct_points(model, v, x, y), {}))
   results: dict[str, Any] = {
       "natural": {"title": "Natural", "accuracy": float(natural.mean()),
                   "num_points": int(natural.size),
@@ -182,12 +240,21 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
       continue
     fn = lambda v, x, y, k, count, attack=attack: bind(
         attack, model, defense, v, eps=e.eps, norm=e.norm, count=count)(x, y, k)
-    correct, totals = points(name, fn)
+    correct, totals, extras = points(name, fn)
     correct &= natural  # Robust: correct naturally and under the attack.
     worst &= correct
     results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
                      "num_points": int(correct.size), "eps": e.eps, "norm": e.norm,
                      "seed": e.seed, **totals, **attack.report()}
+    if attack.method == "autoattack":
+      checks = autoattack_checks_of(attack, model, variables, images, labels, mesh, extras,
+                                    e.batch_size)
+      results[name]["robust_after"] = {k: float(v) for k, v in _robust_after(extras).items()}
+      results[name]["checks"] = [c.report() for c in checks]
+      results[name]["warnings"] = [c.warning for c in checks if not c.passed]
+      for warning in results[name]["warnings"]:
+        if jax.process_index() == 0:
+          print(f"warning: {attack.title}: {warning}", flush=True)
   results["worst_case"] = {"title": protocols.worst_case_title(e),
                            "accuracy": float(worst.mean()), "num_points": int(worst.size),
                            "attacks": [n for n in names if "accuracy" in results[n]]}
@@ -205,6 +272,7 @@ def markdown_table(results: dict[str, Any], caption: str) -> str:
   notes = [f"- {r['title']}: {r['skipped']}" for _, r in cols if "skipped" in r]
   notes += [f"- {r['title']}: {r['non_finite_points']} point(s) with non-finite x' or logits, "
             "counted as not robust" for _, r in cols if r.get("non_finite_points")]
+  notes += [f"- {r['title']}: warning: {w}" for _, r in cols for w in r.get("warnings", ())]
   cost = ["| attack | seconds | forward passes | backward passes |", "|---|---|---|---|"]
   cost += [f"| {r['title']} | {r['time_s']:.1f} | {r['forward_passes']} | "
            f"{r['backward_passes']} |" for _, r in cols if "forward_passes" in r]
