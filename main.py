@@ -3,6 +3,7 @@ r"""jaxdefense: adversarial training and evaluation of the CAS, FSR and CIFS def
     python main.py --config=configs/quickstart.py --workdir=workdirs/quickstart
     python main.py --config=configs/wrn_fsr.py --workdir=DIR [--config.optim.lr=0.05]
     python main.py --mode=eval --config=configs/wrn_fsr.py --workdir=DIR
+    python main.py --mode=audit --config=configs/wrn_fsr.py --workdir=DIR
 
 Exit codes: 0 finished; 75 preempted (SIGTERM; state saved, rerun to resume); 2-6 a fault
 of the inputs or the workdir (I/O failures included), reported in one line
@@ -19,10 +20,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A Python config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the run writes everything (and resumes from).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze"],
-                  "train (resumes if the workdir has a checkpoint), eval, or analyze.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "audit", "analyze"],
+                  "train (resumes if the workdir has a checkpoint), eval, audit (is the "
+                  "evaluation fooled? docs/audit.md), or analyze.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last", "latest"],
-                  "Which checkpoint --mode=eval/analyze loads: the best by the in-training "
+                  "Which checkpoint --mode=eval/audit/analyze loads: the best by the in-training "
                   "PGD (config.eval_pgd; for CAS on its own loss), or the last (= latest).")
 flags.DEFINE_string("coordinator", None,
                     "host:port of process 0 for multi-host runs (else single process, or "
@@ -53,6 +55,9 @@ def main(argv):
     elif FLAGS.mode == "eval":
       from jaxdefense import evaluate
       evaluate.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
+    elif FLAGS.mode == "audit":
+      from jaxdefense import audit
+      audit.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
     else:
       from jaxdefense import analysis
       analysis.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))

@@ -156,6 +156,19 @@ def get() -> ml_collections.ConfigDict:
   # faster when few points stay robust (benchmarks/RESULTS.md, "chunks").
   c.eval.autoattack_chunks = 1
 
+  c.audit = ml_collections.ConfigDict()  # --mode=audit (docs/audit.md), at eval's eps and norm.
+  # The PGD attack of eval's suite whose runs the indicators of attack failure examine.
+  c.audit.attack = "pgd100"
+  # Of unavailable_gradients, unstable_predictions, silent_success, incomplete_optimization,
+  # transfer_failure (needs surrogate_workdir), unconstrained_failure.
+  c.audit.indicators = ("unavailable_gradients", "unstable_predictions", "silent_success",
+                        "incomplete_optimization", "transfer_failure", "unconstrained_failure")
+  c.audit.surrogate_workdir = ""      # A trained workdir, e.g. the same recipe undefended.
+  c.audit.eps_factors = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # Accuracy vs eps, x eval.eps.
+  c.audit.iterations = (1, 2, 5, 10, 20, 50, 100)  # Accuracy vs the audit attack's steps.
+  c.audit.restarts = (1, 2, 4, 8)     # Accuracy vs random restarts (worst over the first r).
+  c.audit.curve_steps = 20            # PGD steps of each eps and restart curve point.
+
   c.analysis = ml_collections.ConfigDict()  # --mode=analyze.
   c.analysis.class_index = 0          # The class whose images the activation frequency uses.
   return c

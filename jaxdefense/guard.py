@@ -184,3 +184,28 @@ def check_trained(workdir: epath.Path, config: ml_collections.ConfigDict,
     raise errors.NoCheckpoint(f"no checkpoint in {directory}{given}: train first with "
                               f"--mode=train --workdir={workdir}")
   check_config(workdir, config)
+
+
+def _tuples(value: Any) -> Any:
+  """JSON's lists back to the tuples configs hold."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def recorded_config(workdir: epath.Path, flag: str) -> ml_collections.ConfigDict:
+  """The config a workdir (given as `flag`) was trained with, from its `config.json`; a
+  workdir without checkpoints or without that file is an error naming `flag`."""
+  if not (workdir / "checkpoints").exists():
+    raise errors.NoCheckpoint(f"{flag}={workdir}: no checkpoint in {workdir / 'checkpoints'}; "
+                              "give a trained workdir")
+  path = workdir / CONFIG
+  if not path.exists():
+    raise errors.WorkdirError(f"{flag}={workdir}: no {CONFIG} there, so the model it holds "
+                              "is unknown; give a workdir jaxdefense trained")
+  recorded = _read_json(path, "restore it from a copy").get("config")
+  if not isinstance(recorded, dict):
+    raise errors.WorkdirError(f"{path} is damaged (no config); restore it from a copy")
+  return ml_collections.ConfigDict(_tuples(recorded))

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxdefense import build, data, errors, extra, models, objectives, parallel, protocols
+from jaxdefense import (build, data, errors, extra, indicators, models, objectives, parallel,
+                        protocols)
 from jaxdefense.attacks import auto_attack, common, losses
 
 DTYPES = ("float32", "bfloat16")
@@ -246,6 +247,35 @@ def check_attacks(config: ml_collections.ConfigDict, names: tuple[str, ...]) -> 
                        classes)
 
 
+def _grid(field: str, values: Any, check) -> None:
+  if not isinstance(values, (tuple, list)) or not values:
+    _fail(field, values, "must be a non-empty tuple")
+  for value in values:
+    check(field, value)
+  if list(values) != sorted(set(values)):
+    _fail(field, values, "must be increasing, without repeats")
+
+
+def check_audit(config: ml_collections.ConfigDict) -> None:
+  """`config.audit`: the attack the indicators examine, the indicators, the curves' grids."""
+  a, e = config.audit, config.eval
+  suite = protocols.suite(e)
+  pgd = [n for n, attack in suite.items() if attack.method == "pgd" and not attack.eot_samples
+         and e.norm in attack.norms and attack.applies(config.defense.name)]
+  _choice("audit.attack", a.attack, tuple(pgd))
+  unknown = [n for n in a.indicators if n not in indicators.NAMES]
+  if unknown or not a.indicators:
+    raise errors.ConfigError(f"unknown audit.indicators {unknown or list(a.indicators)}; "
+                             f"allowed: {', '.join(indicators.NAMES)}")
+  _grid("audit.eps_factors", a.eps_factors,
+        lambda f, v: _number(f, v, 0, open_below=True, note=" (each a multiple of eval.eps)"))
+  steps = suite[a.attack].steps
+  _grid("audit.iterations", a.iterations,
+        lambda f, v: _integer(f, v, 1, steps, f" (the steps of audit.attack {a.attack!r})"))
+  _grid("audit.restarts", a.restarts, lambda f, v: _integer(f, v, 1))
+  _integer("audit.curve_steps", a.curve_steps, 1)
+
+
 def check_analysis(config: ml_collections.ConfigDict) -> None:
   _integer("analysis.class_index", config.analysis.class_index, 0,
            data.NUM_CLASSES[config.data.name] - 1)
@@ -264,4 +294,5 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   check_train(config, mesh)
   check_eval_pgd(config)
   check_eval(config, mesh)
+  check_audit(config)
   check_analysis(config)

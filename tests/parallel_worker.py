@@ -32,7 +32,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402  (after the device count is set)
 import optax  # noqa: E402
 
-from jaxdefense import attacks, build, defenses, models, objectives, parallel, steps  # noqa: E402
+from jaxdefense import (  # noqa: E402
+    attacks, build, defenses, indicators, models, objectives, parallel, steps)
 
 
 def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
@@ -92,12 +93,34 @@ def run_autoattack(mesh) -> dict[str, np.ndarray]:
   return out
 
 
+def run_indicators(mesh) -> dict[str, np.ndarray]:
+  """The indicators of attack failure on the same tiny model, the batch sharded over
+  `mesh` (the surrogate: the same architecture, other weights): every per-point value."""
+  model = models.create("wide_resnet", num_classes=4,
+                        defense=defenses.DefenseConfig(name="none"), depth=10, width=1)
+  variables = parallel.replicate(mesh, models.init(model, jax.random.key(0), (8, 8, 1)))
+  other = parallel.replicate(mesh, models.init(model, jax.random.key(1), (8, 8, 1)))
+  x = np.random.default_rng(0).uniform(size=(args.batch, 8, 8, 1)).astype(np.float32)
+  labels = np.asarray(attacks.deployed(model, variables)(x).logits.argmax(-1), np.int32)
+  batch = parallel.shard_batch(mesh, {"x": x, "labels": labels})
+  values = jax.jit(lambda v, o, x, y: indicators.batch(
+      attacks.deployed(model, v), attacks.deployed(model, v), attacks.losses.cross_entropy,
+      x, y, jax.random.key(2), eps=args.eps, step_size=args.eps / 4, steps=5, norm="linf",
+      random_start=True, iterations=(1, 5), surrogate_fn=attacks.deployed(model, o)))(
+          variables, other, batch["x"], batch["labels"])
+  assert values["correct"].sharding.device_set == set(mesh.devices.flat)
+  return {k: np.asarray(v) for k, v in values.items()}
+
+
 sizes = [int(m) for m in args.mesh_devices.split(",")] if args.mesh_devices else [args.devices]
 for case in args.cases.split(","):
   for size in sizes:
     mesh = parallel.make_mesh(jax.devices()[:size])
     if case == "autoattack":
       np.savez(f"{args.out}-autoattack-{size}.npz", **run_autoattack(mesh))
+      continue
+    if case == "indicators":
+      np.savez(f"{args.out}-indicators-{size}.npz", **run_indicators(mesh))
       continue
     defense_name, objective_name = case.split(":")
     result = run(defense_name, objective_name, mesh)

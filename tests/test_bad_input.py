@@ -65,15 +65,15 @@ TRAIN = [
     (["--config.eval_pgd.loss=margin"], "unknown eval_pgd.loss 'margin'; allowed: auto", 2),
     (["--config.eval_pgd.step_size=0"], "eval_pgd.step_size must be a finite number > 0", 2),
     (["--config.seed=-1"], "seed must be an integer >= 0, got -1", 2),
-    (["--mode=fit"], "--mode=fit: value should be one of <train|eval|analyze>", 2),
+    (["--mode=fit"], "--mode=fit: value should be one of <train|eval|audit|analyze>", 2),
     (["--config.init_from=/nonexistent/run"],
      "no checkpoint in /nonexistent/run/checkpoints (config.init_from=", 6),
     # Training checks the evaluation's fields too.
-    (["--config.eval.norm=l1"], "unknown eval.norm 'l1'; allowed: linf, l2", 2),
+    (["--config.eval.norm=l0"], "unknown eval.norm 'l0'; allowed: linf, l2, l1", 2),
 ]
 # The same with --mode=eval on an empty workdir (no checkpoint: checked after the config).
 EVAL = [
-    (["--config.eval.norm=l1"], "unknown eval.norm 'l1'; allowed: linf, l2", 2),
+    (["--config.eval.norm=l0"], "unknown eval.norm 'l0'; allowed: linf, l2, l1", 2),
     (["--config.eval.num_examples=-5"], "eval.num_examples must be an integer in [0, 360]", 2),
     (["--config.eval.num_examples=400"], "eval.num_examples must be an integer in [0, 360]", 2),
     (["--config.eval.eps=nan"], "eval.eps must be finite, got nan", 2),
@@ -97,6 +97,23 @@ EVAL = [
      "analysis.class_index must be an integer in [0, 9], got 10", 2),
     (["--checkpoint=first"], "--checkpoint=first: value should be one of", 2),
     ([], "no checkpoint in", 6),
+    # --mode=audit: the indicators, the surrogate, the curves' grids.
+    (["--mode=audit", "--config.audit.indicators=('silent',)"],
+     "unknown audit.indicators ['silent']; allowed: unavailable_gradients", 2),
+    (["--mode=audit", "--config.audit.attack=fgsm"], "unknown audit.attack 'fgsm'; allowed:", 2),
+    (["--mode=audit", "--config.audit.eps_factors=(0.5,-1.0)"],
+     "audit.eps_factors must be a finite number > 0 (each a multiple of eval.eps), got -1.0", 2),
+    (["--mode=audit", "--config.audit.eps_factors=(2.0,1.0)"],
+     "audit.eps_factors must be increasing, without repeats", 2),
+    (["--mode=audit", "--config.audit.iterations=(0,5)"],
+     "audit.iterations must be an integer in [1, 100] (the steps of audit.attack 'pgd100')", 2),
+    (["--mode=audit", "--config.audit.restarts=(0,)"], "audit.restarts must be an integer >= 1",
+     2),
+    (["--mode=audit", "--config.audit.curve_steps=0"], "audit.curve_steps must be an integer",
+     2),
+    (["--mode=audit", "--config.audit.surrogate_workdir=/nonexistent/s"],
+     "--config.audit.surrogate_workdir=/nonexistent/s: no checkpoint", 6),
+    (["--mode=audit"], "no checkpoint in", 6),
 ]
 
 
@@ -215,8 +232,22 @@ def test_bad_converter_inputs_are_one_line_each(tmp_path):
     _check(result, words, code)
 
 
+def test_a_surrogate_of_other_data_is_one_line(tmp_path):
+  """A surrogate workdir whose config.json trains on CIFAR-10, for a digits audit."""
+  surrogate = tmp_path / "cifar_run"
+  (surrogate / "checkpoints").mkdir(parents=True)
+  (surrogate / "config.json").write_text(json.dumps(
+      {"config": {"data": {"name": "cifar10", "image_size": 32}}}))
+  (tmp_path / "empty").mkdir()
+  results = _drive("main", [[f"--config={QUICKSTART}", f"--workdir={tmp_path / 'empty'}",
+                             "--mode=audit", f"--config.audit.surrogate_workdir={surrogate}"]],
+                   tmp_path)
+  _check(results[0], "holds a model of data set 'cifar10' (10 classes, image size 32); this "
+                     "audit's is 'digits'", 2)
+
+
 @pytest.mark.parametrize("flags,words", [
-    (["--config.eval.norm=l1"], "unknown eval.norm 'l1'; allowed: linf, l2"),
+    (["--config.eval.norm=l0"], "unknown eval.norm 'l0'; allowed: linf, l2, l1"),
     (["--config.model.kwargs.widthh=8"], "the config has no field 'widthh'"),
 ])
 def test_the_real_command_line_prints_one_line(tmp_path, flags, words):

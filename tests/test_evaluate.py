@@ -1,11 +1,13 @@
 """The evaluation suite and the activation analysis on checkpoints written by training."""
+import copy
 import json
 import os
 
 import numpy as np
 import pytest
+from etils import epath
 
-from jaxdefense import analysis, build, evaluate, protocols, train
+from jaxdefense import analysis, audit, build, evaluate, indicators, parallel, protocols, train
 from tests.helpers import tiny_config
 
 FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},
@@ -266,24 +268,80 @@ def trained_cas(tmp_path_factory, rolled_attack_loops):
   return config, workdir
 
 
-def test_l2_evaluation(trained_fsr):
-  """eval.norm=l2: PGD under L2 (AutoAttack under L2 is tested in test_autoattack.py), at
-  most natural; the report and table say L2; an L-inf-only protocol is refused, naming its
-  L-inf-only attacks."""
+@pytest.mark.parametrize("norm,eps,title", [("l2", 0.5, "L2"), ("l1", 4.0, "L1")])
+def test_l2_and_l1_evaluation(trained_fsr, norm, eps, title):
+  """eval.norm=l2 / l1: PGD under that norm (AutoAttack under L2 and L1: test_autoattack.py,
+  test_l1.py), below natural; the report and table say the norm; an L-inf-only protocol is
+  refused, naming its L-inf-only attacks."""
   config, workdir, _ = trained_fsr
   config = config.copy_and_resolve_references()
-  config.eval.norm, config.eval.eps = "l2", 0.5
+  config.eval.norm, config.eval.eps = norm, eps
   config.eval.attacks = ("pgd20",)
   report = evaluate.run(config, workdir, which="latest")
   r = report["results"]
-  assert report["norm"] == "l2" and r["pgd20"]["norm"] == "l2"
+  assert report["norm"] == norm and r["pgd20"]["norm"] == norm
   assert r["pgd20"]["accuracy"] < r["natural"]["accuracy"]
-  assert "eps 0.5 L2" in open(os.path.join(workdir, "eval.md")).read()
+  assert f"eps {eps:g} {title}" in open(os.path.join(workdir, "eval.md")).read()
   config.eval.attacks = ()
   config.eval.protocol = "fsr"
-  with pytest.raises(ValueError, match=r"eval.norm='l2': attack\(s\) \['fgsm', 'cw'\] of "
+  with pytest.raises(ValueError, match=rf"eval.norm='{norm}': attack\(s\) \['fgsm', 'cw'\] of "
                                        r"protocol 'fsr' are L-inf only"):
     evaluate.run(config, workdir, which="latest")
   config.eval.protocol = "autoattack"
   assert protocols.attack_names(config.eval) == ("autoattack",)
-  assert "l2" in protocols.suite(config.eval)["autoattack"].norms
+  assert norm in protocols.suite(config.eval)["autoattack"].norms
+  options = protocols.suite(config.eval)["autoattack"].options
+  assert options["apgd_ce"]["restarts"] == (5 if norm == "l1" else 1)
+
+
+def test_audit_of_a_checkpoint_reports_everything_and_resumes(trained_fsr, tmp_path):
+  """--mode=audit on the trained checkpoint, the workdir itself as the surrogate: every
+  indicator, check and curve reported; no transfer failure from a model onto itself; the
+  iterations curve ends at the audit attack's own accuracy and AutoAttack's robust
+  accuracy after Square is its reported accuracy; audit.md/json and the plot written; run
+  again on its records, it recomputes nothing and reports the same."""
+  config, workdir, _ = trained_fsr
+  c = copy.deepcopy(config)
+  c.eval.num_examples = 48
+  c.audit.attack, c.audit.iterations, c.audit.restarts = "pgd20", (1, 5, 20), (1, 2)
+  c.audit.eps_factors, c.audit.curve_steps = (0.5, 1.0, 8.0), 3
+  c.audit.surrogate_workdir = workdir
+  report = audit.run(c, workdir, which="latest")
+  for name in ("audit.json", "audit.md", "audit_curves.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert set(report["indicators"]) == set(indicators.NAMES)
+  assert report["indicators"]["transfer_failure"]["value"] == 0.0
+  assert report["indicators"]["unavailable_gradients"]["value"] == 0.0
+  aa = report["autoattack"]
+  assert [check["check"] for check in aa["checks"]] == [
+      "randomized", "probabilities", "zero_gradients", "square", "classes"]
+  assert aa["robust_after"]["square"] == pytest.approx(aa["accuracy"])
+  assert aa["robust_after"]["clean"] == pytest.approx(report["natural"]["accuracy"])
+  curves = report["curves"]
+  assert curves["iterations"]["accuracy"][-1] == pytest.approx(report["attack"]["accuracy"])
+  assert curves["eps"]["accuracy"][-1] == 0.0 and curves["eps"]["passed"]
+  assert report["cost"]["ratio_to_autoattack"] < 2
+  text = open(os.path.join(workdir, "audit.md")).read()
+  assert "Transfer failure" in text and "## Cost" in text
+  record = evaluate.Record(epath.Path(tmp_path))
+  images, labels = _test_points(c)
+  model, variables = _restored(c, workdir)
+  first = audit.audit(c, model, variables, images, labels, parallel.make_mesh(),
+                      record=record, progress=False)
+  again = audit.audit(c, model, variables, images, labels, parallel.make_mesh(),
+                      record=record, progress=False)
+  assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+
+
+def _test_points(config):
+  dataset = build.load_data(config)
+  n = config.eval.num_examples
+  return dataset.test_images[:n], dataset.test_labels[:n]
+
+
+def _restored(config, workdir):
+  dataset = build.load_data(config)
+  model = build.build_model(config, dataset.num_classes)
+  variables, _ = build.restore_variables(config, epath.Path(workdir), "latest", model,
+                                         dataset.image_shape, parallel.make_mesh())
+  return model, variables

@@ -54,9 +54,10 @@ def test_eight_devices_equal_one(tmp_path):
   statistics, EMA and metrics of the 1-device step on the same global batch and rngs, for
   FSR under PGD-AT, CAS under TRADES and CIFS; standard AutoAttack on a batch split over 8
   devices breaks the same points after each attack, with the same adversarial points, as
-  on 1 (one process runs every case and mesh)."""
+  on 1; the indicators of attack failure give the same per-point values (one process runs
+  every case and mesh)."""
   _wait(_run(tmp_path / "run", "--devices", 8, "--mesh-devices", "1,8", "--cases",
-             ",".join([*(f"{d}:{o}" for d, o in CASES), "autoattack"])))
+             ",".join([*(f"{d}:{o}" for d, o in CASES), "autoattack", "indicators"])))
   for defense, objective in CASES:
     _assert_same(tmp_path / f"run-{defense}-{objective}-1.npz",
                  tmp_path / f"run-{defense}-{objective}-8.npz")
@@ -66,6 +67,10 @@ def test_eight_devices_equal_one(tmp_path):
     np.testing.assert_array_equal(eight[k], one[k], err_msg=k)
   robust_after = [one[f"after/{name}"].mean() for name in ("apgd_ce", "apgd_t")]
   assert 0 < robust_after[1] < robust_after[0] < 1, robust_after  # Both attacks broke points.
+  one, eight = (np.load(tmp_path / f"run-indicators-{m}.npz") for m in (1, 8))
+  assert sorted(one.files) == sorted(eight.files) and "transfer_failure" in one.files
+  for k in one.files:
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, err_msg=k)
 
 
 def _free_port():

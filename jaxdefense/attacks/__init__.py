@@ -17,7 +17,8 @@ from jaxdefense.attacks.auto_attack import AutoAttackResult, autoattack
 from jaxdefense.attacks.auto_pgd import apgd, apgd_checkpoints, apgd_targeted, step_size_halving
 from jaxdefense.attacks.common import ModelFn, project
 from jaxdefense.attacks.fab import fab_targeted
-from jaxdefense.attacks.projected_gradient import fgsm, input_gradient, pgd, uniform_start
+from jaxdefense.attacks.projected_gradient import (PGDTrace, fgsm, input_gradient, pgd, pgd_trace,
+                                                  uniform_start)
 from jaxdefense.attacks.square_attack import square
 
 
@@ -75,6 +76,7 @@ def make(model: Any, attack: Callable[..., jax.Array], **options) -> Callable[..
   return run
 
 
-__all__ = ["AutoAttackResult", "ModelFn", "PassCounter", "apgd", "apgd_checkpoints",
+__all__ = ["AutoAttackResult", "ModelFn", "PGDTrace", "PassCounter", "apgd", "apgd_checkpoints",
            "apgd_targeted", "autoattack", "deployed", "fab_targeted", "fgsm", "input_gradient",
-           "losses", "make", "pgd", "project", "square", "step_size_halving", "uniform_start"]
+           "losses", "make", "pgd", "pgd_trace", "project", "square", "step_size_halving",
+           "uniform_start"]

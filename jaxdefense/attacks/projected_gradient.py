@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -106,3 +107,51 @@ def pgd(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array | Non
                    norm)
 
   return jax.lax.fori_loop(0, steps, step, x_adv, unroll=loop_unroll(steps, unroll))
+
+
+@flax.struct.dataclass
+class PGDTrace:
+  """A PGD run, iterate by iterate: x_adv is x_T (what `pgd` returns); loss[t] and
+  misclassified[t] are the attack loss at x_t and whether the model misclassifies x_t,
+  t = 0..T, each (T + 1, N)."""
+  x_adv: jax.Array
+  loss: jax.Array
+  misclassified: jax.Array
+
+
+def pgd_trace(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array | None = None,
+              *, eps, step_size, steps: int, norm: str = "linf", random_start: bool = True,
+              loss: losses.LossFn = losses.cross_entropy, unroll: int | None = None
+              ) -> PGDTrace:
+  """`pgd` (no EOT) recording each iterate's loss and prediction (the indicators of attack
+  failure read them: `jaxdefense.indicators`); x_adv equals `pgd`'s result. One forward
+  pass more than `pgd` (at x_T)."""
+  _check(eps, steps, norm)
+  if random_start and key is None:
+    raise ValueError("pgd_trace with random_start=True needs a PRNG key")
+  x = x.astype(jnp.float32)
+  x_adv = uniform_start(key, x, eps, norm) if random_start else x
+
+  def evaluate(v):
+    def total(v):
+      output = model_fn(v)
+      per_point = loss(output, labels)
+      return jnp.sum(per_point), (per_point, output.logits)
+    (_, (value, logits)), grad = jax.value_and_grad(total, has_aux=True)(v)
+    return value, jnp.argmax(logits, -1) != labels, grad
+
+  value, wrong, grad = evaluate(x_adv)
+  n = x.shape[0]
+  trace = (jnp.zeros((steps + 1, n), jnp.float32).at[0].set(value),
+           jnp.zeros((steps + 1, n), bool).at[0].set(wrong))
+
+  def step(i, carry):
+    x_adv, grad, (values, wrongs) = carry
+    x_adv = project(x_adv + step_size * ascent_direction(grad, norm, guard="max"), x, eps,
+                    norm)
+    value, wrong, grad = evaluate(x_adv)
+    return x_adv, grad, (values.at[i + 1].set(value), wrongs.at[i + 1].set(wrong))
+
+  x_adv, _, (values, wrongs) = jax.lax.fori_loop(0, steps, step, (x_adv, grad, trace),
+                                                 unroll=loop_unroll(steps, unroll))
+  return PGDTrace(x_adv=x_adv, loss=values, misclassified=wrongs)
