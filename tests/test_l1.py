@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from jaxdefense.attacks import apgd, apgd_targeted, autoattack, common, fab_targeted, pgd, square
+from jaxdefense.attacks import apgd, autoattack, common
 from jaxdefense.attacks.auto_pgd import largereps_schedule
 from jaxdefense.attacks.auto_attack import version_options
 from jaxdefense.attacks.fab import project_l1_hyperplane
@@ -127,25 +127,19 @@ def _l1_inside(x_adv, x, eps=EPS) -> bool:
 
 
 def test_each_l1_attack_breaks_the_model_inside_the_ball(trained):
+  """APGD without the schedule, and the standard version under L1 (APGD-CE and APGD-T over
+  decreasing eps, FAB-T, Square): inside the ball and the box, far below natural accuracy,
+  APGD-CE alone already well below it; the robust points are those x_adv leaves correct."""
   model_fn, x, y = trained
   natural = accuracy(model_fn, x, y)
   key = jax.random.key(0)
-  runs = {
-      "pgd": lambda: pgd(model_fn, x, y, key, eps=EPS, step_size=0.5, steps=10, norm="l1"),
-      "apgd": lambda: apgd(model_fn, x, y, key, eps=EPS, norm="l1", steps=12),
-      "apgd largereps": lambda: apgd(model_fn, x, y, key, eps=EPS, norm="l1", steps=12,
-                                     largereps=True),
-      "apgd_t largereps": lambda: apgd_targeted(model_fn, x, y, key, eps=EPS, norm="l1",
-                                                steps=12, n_target=2, largereps=True),
-      "fab_t": lambda: fab_targeted(model_fn, x, y, key, eps=EPS, norm="l1", steps=10,
-                                    n_target=2, restarts=2),
-      "square": lambda: square(model_fn, x, y, key, eps=2 * EPS, norm="l1", queries=200),
-  }
-  for name, run in runs.items():
-    x_adv = jax.jit(run)()
-    assert _l1_inside(x_adv, x, 2 * EPS if name == "square" else EPS), name
-    assert accuracy(model_fn, x_adv, y) < natural - 0.3, name
+  x_adv = jax.jit(lambda: apgd(model_fn, x, y, key, eps=EPS, norm="l1", steps=12))()
+  assert _l1_inside(x_adv, x) and accuracy(model_fn, x_adv, y) < natural - 0.3
   result = jax.jit(lambda: autoattack(model_fn, x, y, key, eps=EPS, norm="l1",
                                       options=SMALL))()
   assert _l1_inside(result.x_adv, x)
-  assert float(result.robust_accuracy()) < natural - 0.4
+  after = [float(np.mean(result.robust_after[name]))
+           for name in ("apgd_ce", "apgd_t", "fab_t", "square")]
+  assert after[0] < natural - 0.3  # APGD-CE over decreasing eps breaks points by itself.
+  assert float(result.robust_accuracy()) == after[-1] < natural - 0.4
+  assert accuracy(model_fn, result.x_adv, y) == pytest.approx(after[-1])
