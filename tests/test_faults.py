@@ -134,7 +134,7 @@ def test_a_point_with_non_finite_logits_is_not_robust():
       return type("Out", (), {"logits": logits})()
 
   x = jnp.ones((3, 2, 2, 1)).at[1].set(jnp.nan)
-  correct, finite = evaluate._correct(Model(), {}, x, jnp.array([0, 0, 1]))
+  correct, finite = evaluate.correct_points(Model(), {}, x, jnp.array([0, 0, 1]))
   assert correct.tolist() == [True, False, False] and finite.tolist() == [True, False, True]
   table = evaluate.markdown_table({"pgd20": {"title": "PGD-20", "accuracy": 0.5,
                                              "non_finite_points": 2}}, "caption")

@@ -69,8 +69,11 @@ def test_eight_devices_equal_one(tmp_path):
   assert 0 < robust_after[1] < robust_after[0] < 1, robust_after  # Both attacks broke points.
   one, eight = (np.load(tmp_path / f"run-indicators-{m}.npz") for m in (1, 8))
   assert sorted(one.files) == sorted(eight.files) and "transfer_failure" in one.files
-  for k in one.files:
-    np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, err_msg=k)
+  for k in one.files:  # Flags exactly; the unstable-prediction means up to float sums.
+    if one[k].dtype == bool:
+      np.testing.assert_array_equal(eight[k], one[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(eight[k], one[k], rtol=1e-3, atol=1e-6, err_msg=k)
 
 
 def _free_port():
