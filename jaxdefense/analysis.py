@@ -15,7 +15,6 @@ installed (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -193,15 +192,9 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
 
 
 def _save(fig, path: epath.Path) -> epath.Path:
-  """A figure's legend and layout done, written as a PNG through epath, closed."""
-  import matplotlib.pyplot as plt
+  """A figure with its legend, written as a PNG (`paths.write_png`)."""
   fig.axes[0].legend()
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  plt.close(fig)
-  paths.write_bytes(path, png.getvalue())
-  return path
+  return paths.write_png(fig, path)
 
 
 def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:

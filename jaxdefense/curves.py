@@ -17,7 +17,6 @@ the attack); the verdicts' tolerances are `LEVELS_OFF` and `FALLS_TO_ZERO`.
 """
 from __future__ import annotations
 
-import io
 from typing import Any, Sequence
 
 import jax
@@ -108,9 +107,4 @@ def plot(curves: dict[str, Any], path: epath.Path, title: str) -> epath.Path | N
     ax.set_title(entry["verdict"][:48], fontsize=8)
     ax.grid(alpha=0.3)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  plt.close(fig)
-  paths.write_bytes(path, png.getvalue())
-  return path
+  return paths.write_png(fig, path)

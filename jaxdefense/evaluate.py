@@ -86,7 +86,7 @@ def bind(attack: EvalAttack, model, defense: defenses.DefenseConfig, variables: 
     # For AutoAttack's checks: robust after each attack; an input gradient of exactly zero.
     gradient_fn = ((lambda v: model_fn(v, jax.random.fold_in(key, 2))) if attack.version == "rand"
                    else deployed)
-    loss = attacks.losses.dlr if gradient_fn(x).logits.shape[-1] >= 3 else \
+    loss = attacks.losses.dlr if jax.eval_shape(gradient_fn, x).logits.shape[-1] >= 3 else \
         attacks.losses.cross_entropy
     gradient = attacks.input_gradient(gradient_fn, loss, x, labels)
     extras = {f"robust_after.{k}": v for k, v in result.robust_after.items()}

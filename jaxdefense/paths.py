@@ -9,6 +9,7 @@ half a file.
 """
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
@@ -56,3 +57,14 @@ def check_writable(directory: epath.PathLike) -> None:
     probe.unlink()
   except OSError as e:
     raise errors.RunError(f"workdir {directory} is not a writable directory: {e}") from e
+
+
+def write_png(fig, path: epath.PathLike) -> epath.Path:
+  """A matplotlib figure, laid out, written as a PNG through epath, then closed."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  plt.close(fig)
+  write_bytes(path, png.getvalue())
+  return epath.Path(path)
