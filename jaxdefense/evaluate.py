@@ -187,7 +187,7 @@ def _robust_after(extras: dict[str, np.ndarray]) -> dict[str, float]:
 
 def autoattack_checks_of(attack: EvalAttack, model, variables, images: np.ndarray,
                          labels: np.ndarray, mesh, extras: dict[str, np.ndarray],
-                         batch_size: int) -> list[autoattack_checks.Check]:
+                         batch_size: int, norm: str) -> list[autoattack_checks.Check]:
   """AutoAttack's checks (`autoattack_checks`) of one AutoAttack column: on the model's
   outputs for the first batch (drawn `RANDOMIZED_DRAWS` times, by separate calls), and on
   the attack's per-point results."""
@@ -201,7 +201,7 @@ def autoattack_checks_of(attack: EvalAttack, model, variables, images: np.ndarra
            for _ in range(autoattack_checks.RANDOMIZED_DRAWS if attack.version != "rand" else 1)]
   checks = [] if attack.version == "rand" else [
       autoattack_checks.randomized(draws, parallel.to_host(batch["labels"])[valid])]
-  ran, options = auto_attack.check_options(attack.version, "linf", attack.options)
+  ran, options = auto_attack.check_options(attack.version, norm, attack.options)
   checks += [autoattack_checks.probabilities(draws[0]),
              autoattack_checks.zero_gradients(extras["zero_gradient"], extras["clean"]),
              autoattack_checks.square_lowered(_robust_after(extras)),
@@ -248,7 +248,7 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
                      "seed": e.seed, **totals, **attack.report()}
     if attack.method == "autoattack":
       checks = autoattack_checks_of(attack, model, variables, images, labels, mesh, extras,
-                                    e.batch_size)
+                                    e.batch_size, e.norm)
       results[name]["robust_after"] = {k: float(v) for k, v in _robust_after(extras).items()}
       results[name]["checks"] = [c.report() for c in checks]
       results[name]["warnings"] = [c.warning for c in checks if not c.passed]
