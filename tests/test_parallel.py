@@ -47,6 +47,11 @@ def _assert_same(a_path, b_path, rtol=1e-4, atol=1e-5):
 # is float noise: FSR + TRADES can differ by one sign step under reordering, so FSR is
 # compared under PGD-AT.
 CASES = ("fsr", "pgd_at"), ("cas", "trades"), ("cifs", "pgd_at")
+# Absolute tolerance per case on the updated state. CIFS's mask is a softmax over its
+# probes' logits: the reordered float sums of the 8-device step (~1e-7 relative) grow
+# through it and the attack's steps to 6e-5 in the updated kernels on a 2-core AMD EPYC
+# (below 1e-5 on a Xeon): XLA's CPU kernels differ by instruction set, so CIFS gets 3e-4.
+ATOL = {"cifs": 3e-4}
 
 
 def test_eight_devices_equal_one(tmp_path):
@@ -60,7 +65,7 @@ def test_eight_devices_equal_one(tmp_path):
              ",".join([*(f"{d}:{o}" for d, o in CASES), "autoattack", "indicators"])))
   for defense, objective in CASES:
     _assert_same(tmp_path / f"run-{defense}-{objective}-1.npz",
-                 tmp_path / f"run-{defense}-{objective}-8.npz")
+                 tmp_path / f"run-{defense}-{objective}-8.npz", atol=ATOL.get(defense, 1e-5))
   one, eight = (np.load(tmp_path / f"run-autoattack-{m}.npz") for m in (1, 8))
   assert sorted(one.files) == sorted(eight.files)
   for k in one.files:
