@@ -48,18 +48,18 @@ def main(argv):
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   with cli.faults_as_one_line():
     if FLAGS.mode == "train":
-      from jaxdefense import train
+      from jaxdefense.training import train
       result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       if result.get("preempted"):
         sys.exit(errors.PREEMPTED_EXIT_CODE)
     elif FLAGS.mode == "eval":
-      from jaxdefense import evaluate
+      from jaxdefense.evaluation import evaluate
       evaluate.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
     elif FLAGS.mode == "audit":
-      from jaxdefense import audit
+      from jaxdefense.evaluation import audit
       audit.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
     else:
-      from jaxdefense import analysis
+      from jaxdefense.evaluation import analysis
       analysis.run(FLAGS.config, FLAGS.workdir, which=_which(FLAGS.checkpoint))
 
 

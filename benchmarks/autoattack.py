@@ -14,7 +14,7 @@ torchattacks' AutoAttack.
         --eps=2 --peers=auto-attack
 
 Models. `quickstart` (default): the quick-start checkpoint in `--workdir`, moved to PyTorch
-with `jaxdefense.convert` (layout `resnet18`: kuangliu's ResNet, here with three stages of
+with `jaxdefense.interop.convert` (layout `resnet18`: kuangliu's ResNet, here with three stages of
 one block) on the digits test points. `resnet18` (layout `resnet18`) and `wrn34_10` (layout
 `trades_wrn`): random weights on random CIFAR-shaped inputs, for timing only, in a "full
 budget" mode: the labels are the model's own predictions and eps is tiny (0.1/255 by
@@ -58,8 +58,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxdefense import (  # noqa: E402
-    attacks, build, convert, layouts, models, parallel, paths, xla_flags)
+from jaxdefense import attacks, data, models, parallel, xla_flags  # noqa: E402
+from jaxdefense.interop import convert, torch_layouts  # noqa: E402
+from jaxdefense.training import train_state  # noqa: E402
+from jaxdefense.workdir import paths  # noqa: E402
 
 COMPONENTS = ("standard", "apgd_ce", "apgd_t", "fab_t", "square")
 # fra31/auto-attack's names for them (its `attacks_to_run`).
@@ -83,9 +85,9 @@ def _config(name: str, argument: str):
 def load_quickstart(workdir: str):
   """The quick-start config, its model, the workdir's latest variables and its step."""
   config = _config("quickstart.py", "none")
-  dataset = build.load_data(config)
-  model = build.build_model(config, dataset.num_classes)
-  variables, step = build.restore_variables(config, paths.resolve(workdir), "latest",
+  dataset = data.from_config(config)
+  model = models.from_config(config, dataset.num_classes)
+  variables, step = train_state.restore_variables(config, paths.resolve(workdir), "latest",
                                             model, dataset.image_shape, parallel.make_mesh())
   return config, dataset, model, jax.device_get(variables), step
 
@@ -102,7 +104,7 @@ def torch_module(name: str, variables, config):
     module = torch_models.ResNet()
   else:
     module = torch_models.WideResNet(34, 10, sub_block1=True)
-  sd = convert.to_state_dict(variables, layouts.LAYOUTS[MODELS[name][2]])
+  sd = convert.to_state_dict(variables, torch_layouts.LAYOUTS[MODELS[name][2]])
   module.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True)
   return module.eval()
 
@@ -119,7 +121,7 @@ def problem(a):
     return what, model, variables, torch_module(a.model, variables, config), x, y, eps, \
         dataset.num_classes
   config = _config(config_file, argument)
-  model = build.build_model(config, 10)
+  model = models.from_config(config, 10)
   x = np.random.default_rng(a.seed).uniform(size=(a.points, 32, 32, 3)).astype(np.float32)
   variables = jax.device_get(models.init(model, jax.random.key(a.seed), x.shape[1:]))
   y = np.asarray(jnp.argmax(attacks.deployed(model, variables)(x).logits, -1), np.int32)

@@ -31,8 +31,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import attacks, build, data, default_config, defenses, objectives, xla_flags
-from jaxdefense.steps import train_step
+from jaxdefense import attacks, data, defenses, models, xla_flags
+from jaxdefense.config import defaults
+from jaxdefense.training import objectives, optim, train_state
+from jaxdefense.training.steps import train_step
 
 MODELS = ("resnet18", "wrn34_10", "vgg16")
 ISSUE_MODELS = "resnet18,wrn34_10"  # The accelerator default: the two the targets name.
@@ -185,12 +187,12 @@ def matmul_peak(dtype: Any, size: int, repeats: int) -> float:
 
 def setup(arch: str, defense: str, dtype: str, steps: int):
   """The model, optimizer, train step and attack of the papers' recipe for arch + defense."""
-  config = default_config.paper_recipe(arch, defense)
+  config = defaults.paper_recipe(arch, defense)
   config.model.dtype = dtype
   config.objective.attack.steps = steps
-  model = build.build_model(config, NUM_CLASSES)
-  defense_config, attack_config = build.defense_config(config), build.attack_config(config)
-  tx, schedule = build.make_optimizer(config, steps_per_epoch=390)
+  model = models.from_config(config, NUM_CLASSES)
+  defense_config, attack_config = defenses.from_config(config), objectives.attack_config(config)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch=390)
   objective = objectives.make("pgd_at", model, defense_config, attack_config)
   augment = functools.partial(data.augment, **data.augmentation_for(config.data.name))
   step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
@@ -214,7 +216,7 @@ def benchmark(arch: str, defense: str, batch_size: int, args: argparse.Namespace
               peak: float) -> dict[str, Any]:
   """Every measurement for one (model, defense, batch size)."""
   model, tx, step, attack, evaluate = setup(arch, defense, args.dtype, args.steps)
-  state = build.create_train_state(model, tx, jax.random.key(0), IMAGE_SHAPE, ema=False)
+  state = train_state.create(model, tx, jax.random.key(0), IMAGE_SHAPE, ema=False)
   synthetic = data.synthetic(num_train=batch_size, num_test=1, image_size=IMAGE_SHAPE[0],
                              channels=IMAGE_SHAPE[2], num_classes=NUM_CLASSES)
   batch = {"images": jnp.asarray(synthetic.train_images),

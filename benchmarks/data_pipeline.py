@@ -1,4 +1,4 @@
-"""Images/s per host of the extra-data pipeline (`jaxdefense.extra.batches`).
+"""Images/s per host of the extra-data pipeline (`jaxdefense.data.extra.batches`).
 
 ```
 python benchmarks/data_pipeline.py                        # 1M extra images, as in RESULTS.md
@@ -43,7 +43,8 @@ from typing import Iterator
 import numpy as np
 from etils import epath
 
-from jaxdefense import data, extra
+from jaxdefense import data
+from jaxdefense.data import extra
 
 IMAGE_SHAPE = (32, 32, 3)
 CHUNK_IMAGES = 65536

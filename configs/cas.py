@@ -21,7 +21,7 @@ It reproduces the CAS paper's white-box table (CIFAR-10, each defense with and w
 CAS: `--config.defense.name=none` for the rows without), evaluated with
 `--config.eval.protocol=cas` on the best checkpoint (docs/method.md section 5).
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 ARCHS = ("resnet18", "wrn34_10", "vgg16")
 OBJECTIVES = ("pgd_at", "trades", "mart")
@@ -33,7 +33,7 @@ def get_config(spec: str = "resnet18,pgd_at"):
   if arch not in ARCHS or objective not in OBJECTIVES:
     raise ValueError(f"configs/cas.py takes ARCH,OBJECTIVE with ARCH in {', '.join(ARCHS)} "
                      f"and OBJECTIVE in {', '.join(OBJECTIVES)}; got {spec!r}")
-  c = default_config.get()
+  c = defaults.get()
   c.name = f"cas_{arch}_{objective}"
   c.data.name = "cifar10"
   c.model.arch = arch

@@ -16,13 +16,13 @@ PGD-10 at eps 8/255, step 2/255, random start, on the joint loss 3/(beta+1) (CE 
 beta x mean probe CE), beta 2; the best checkpoint by PGD-20 on the joint loss (step 0.8/255,
 no random start) over the test set, as the authors select it. The authors' CIFS run started
 from a naturally trained CIFS model (its best clean checkpoint, weights only): the last two
-commands; `python -m jaxdefense.convert import --layout=cifs_resnet18` brings their
+commands; `python -m jaxdefense.interop.convert import --layout=cifs_resnet18` brings their
 checkpoints in. Evaluate with `--config.eval.protocol=cifs` (their test script; `full` adds
 the attacks through the mask's input dependence). It reproduces the CIFS paper's
 ResNet-18 CIFAR-10 row; the authors' repository log ends at 82.21% clean / 51.37% PGD-20
 (joint) at epoch 119.
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 ARCHS = ("resnet18", "wrn34_10", "wrn28_10", "vgg16")
 
@@ -30,10 +30,10 @@ ARCHS = ("resnet18", "wrn34_10", "wrn28_10", "vgg16")
 def get_config(spec: str = "resnet18"):
   arch, _, dataset = (spec or "resnet18").partition(",")
   dataset = dataset or "cifar10"
-  if arch not in ARCHS or dataset not in default_config.DATASETS:
+  if arch not in ARCHS or dataset not in defaults.DATASETS:
     raise ValueError(f"configs/cifs.py takes ARCH[,DATASET] with ARCH in {', '.join(ARCHS)} "
-                     f"and DATASET in {', '.join(default_config.DATASETS)}; got {spec!r}")
-  c = default_config.paper_recipe(arch, "cifs", dataset)
+                     f"and DATASET in {', '.join(defaults.DATASETS)}; got {spec!r}")
+  c = defaults.paper_recipe(arch, "cifs", dataset)
   c.name = f"cifs_{arch}_{dataset}"
   c.defense.beta = 2.0
   c.objective.attack.loss = "defense"

@@ -13,7 +13,7 @@ paper's AT and AT + FSR rows (and, trained alike, its CAS rows): compare `main.p
 --mode=eval`'s FGSM, PGD-20/100 and C&W columns with its tables (docs/method.md section 5).
 `configs/wrn_fsr.py` is this config for WRN-34-10 + FSR.
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 ARCHS = ("resnet18", "wrn34_10", "vgg16")
 DEFENSES = ("none", "cas", "fsr")
@@ -25,5 +25,5 @@ def get_config(spec: str = "resnet18,fsr,cifar10"):
   if arch not in ARCHS or defense not in DEFENSES or len(parts) > 3:
     raise ValueError(f"configs/fsr.py takes ARCH,DEFENSE,DATASET with ARCH in "
                      f"{', '.join(ARCHS)}, DEFENSE in {', '.join(DEFENSES)}, DATASET in "
-                     f"{', '.join(default_config.DATASETS)}; got {spec!r}")
-  return default_config.paper_recipe(arch, defense, dataset)
+                     f"{', '.join(defaults.DATASETS)}; got {spec!r}")
+  return defaults.paper_recipe(arch, defense, dataset)

@@ -6,7 +6,7 @@ github google-deepmind/deepmind-research `adversarial_robustness/jax/experiment.
         --config.data.extra="('/data/edm/1m.npz',)" --workdir=workdirs/wang_wrn28_10
     python main.py --config=configs/generated.py:gowal2021,wrn28_10 \
         --config.data.extra="('/data/cifar10_ddpm.npz',)" --workdir=workdirs/gowal_wrn28_10
-    python -m jaxdefense.extra prepare --source=/data/edm/20m.npz --output=/data/edm/20m
+    python -m jaxdefense.data.extra prepare --source=/data/edm/20m.npz --output=/data/edm/20m
 
 The argument is `RECIPE,ARCH[,DATASET]`: RECIPE wang2023 | gowal2021, ARCH wrn28_10 |
 wrn70_16 (Swish WideResNets with the data set's mean / std inside the model and TF-style
@@ -34,7 +34,7 @@ the authors' code (their training attacks, the real images repeated in DeepMind'
 checkpoint selection): docs/fidelity.md, "Generated-data recipes"."""
 import ml_collections
 
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 RECIPES = ("wang2023", "gowal2021")
 ARCHS = {"wrn28_10": (28, 10), "wrn70_16": (70, 16)}
@@ -51,7 +51,7 @@ def get_config(spec: str = "wang2023,wrn28_10"):
     raise ValueError(f"configs/generated.py takes RECIPE,ARCH[,DATASET] with RECIPE in "
                      f"{', '.join(RECIPES)}, ARCH in {', '.join(ARCHS)} and DATASET in "
                      f"{', '.join(MEAN_STD)}; got {spec!r}")
-  c = default_config.get()
+  c = defaults.get()
   c.name = f"{recipe}_{arch}_{dataset}"
   c.data.name = dataset
   # The released file names (the docstring says where they are); give their paths.

@@ -14,7 +14,7 @@ on its own loss; FSR 99.2% / 89.4%); the README's results table has the full eva
 With extra data (`:extra`, or `:cas,extra` ...): the generated-data recipe's parts, with a
 demonstration extra source (augmented copies of the training digits, not generated data):
 
-    python -m jaxdefense.demo_extra --output=workdirs/digits_extra.npz
+    python -m jaxdefense.data.demo_extra --output=workdirs/digits_extra.npz
     python main.py --config=configs/quickstart.py:extra --workdir=workdirs/quickstart_extra
 
 trained as `configs/generated.py:wang2023` trains: round(0.7 x 64) = 45 images of every
@@ -25,9 +25,9 @@ weight EMA (decay 0.99, the dynamic warm-up over the first 2.5% of the steps, Ba
 statistics the model's), which is what is evaluated. It shows the pipeline running in a few
 minutes on a CPU; its numbers say nothing about generated data.
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
-EXTRA = "workdirs/digits_extra.npz"  # Written by `python -m jaxdefense.demo_extra`.
+EXTRA = "workdirs/digits_extra.npz"  # Written by `python -m jaxdefense.data.demo_extra`.
 
 
 def get_config(spec: str = "none"):
@@ -37,7 +37,7 @@ def get_config(spec: str = "none"):
   if len(defense) != 1:
     raise ValueError(f"configs/quickstart.py takes DEFENSE, DEFENSE,extra or extra; got {spec!r}")
   defense = defense[0]
-  c = default_config.get()
+  c = defaults.get()
   c.name = "quickstart"
   c.data.name = "digits"
   c.model.arch = "resnet"

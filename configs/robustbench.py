@@ -1,7 +1,7 @@
-r"""RobustBench's CIFAR architectures, for PyTorch weights imported with jaxdefense.convert,
+r"""RobustBench's CIFAR architectures, for PyTorch weights imported with jaxdefense.interop.convert,
 evaluated with standard AutoAttack at eps 8/255 (RobustBench's L-inf protocol).
 
-    python -m jaxdefense.convert import --layout=dm_wrn --torch=model.pt \
+    python -m jaxdefense.interop.convert import --layout=dm_wrn --torch=model.pt \
         --config=configs/robustbench.py:dm_wrn28_10 --workdir=workdirs/rb_dm_wrn28_10
     python main.py --config=configs/robustbench.py:dm_wrn28_10 --mode=eval --checkpoint=last \
         --workdir=workdirs/rb_dm_wrn28_10 --config.eval.num_examples=1000
@@ -20,7 +20,7 @@ drop the two keys and set `--config.model.kwargs.input_mean/input_std` to their 
 """
 import ml_collections
 
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 WRN = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20), "wrn70_16": (70, 16)}
 DM_WRN = {"dm_wrn28_10": (28, 10), "dm_wrn34_20": (34, 20), "dm_wrn70_16": (70, 16)}
@@ -37,7 +37,7 @@ def get_config(spec: str = "wrn28_10"):
   if arch not in ARCHS or dataset not in MEAN_STD:
     raise ValueError(f"configs/robustbench.py takes ARCH[,DATASET] with ARCH in "
                      f"{', '.join(ARCHS)} and DATASET in {', '.join(MEAN_STD)}; got {spec!r}")
-  c = default_config.get()
+  c = defaults.get()
   c.name = f"robustbench_{arch}_{dataset}"
   c.data.name = dataset
   mean, std = MEAN_STD[dataset]

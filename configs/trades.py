@@ -9,11 +9,11 @@ steps from x + 0.001 N(0, 1), beta 6. The TRADES paper reports WRN-34-10 natural
 robust 56.61% under 20-step PGD (1/lambda = 6; as cited from the paper, not re-checked
 here).
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 
 def get_config(arch: str = "wrn34_10"):
-  c = default_config.get()
+  c = defaults.get()
   c.name = f"trades_{arch or 'wrn34_10'}"
   c.data.name = "cifar10"
   c.model.arch = arch or "wrn34_10"

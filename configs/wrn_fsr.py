@@ -11,8 +11,8 @@ CIFAR-10 by default; `configs/wrn_fsr.py:svhn` or `:cifar100` for the other data
 PGD-100 and C&W columns, `--config.eval.protocol=fsr` on the last epoch); docs/method.md
 section 5 says what to compare against.
 """
-from jaxdefense import default_config
+from jaxdefense.config import defaults
 
 
 def get_config(dataset: str = "cifar10"):
-  return default_config.paper_recipe("wrn34_10", "fsr", dataset or "cifar10")
+  return defaults.paper_recipe("wrn34_10", "fsr", dataset or "cifar10")

@@ -40,7 +40,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxdefense import errors, paths
+from jaxdefense import errors
+from jaxdefense.workdir import paths
 
 BEST_MODES = ("max", "min")
 

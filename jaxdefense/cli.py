@@ -1,4 +1,4 @@
-"""The command lines' error reporting (main.py, `python -m jaxdefense.convert`): a bad
+"""The command lines' error reporting (main.py, `python -m jaxdefense.interop.convert`): a bad
 flag, config file or config value, and any fault of the run's inputs or workdir, is one
 `error:` line on stderr with its exit code (jaxdefense/errors.py); a bug keeps its
 traceback (exit 1).

@@ -24,7 +24,7 @@ def _program(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return "main.py", module.main
-  from jaxdefense import convert
+  from jaxdefense.interop import convert
   convert.define_flags()
   return "convert", convert.main
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdefense import build
+from jaxdefense.data import extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick-start config shrunk to seconds on a 2-core CPU, for main.py (TINY, as flags) and
@@ -50,7 +50,7 @@ def tiny_config(defense: str = "none", objective: str = "pgd_at") -> ml_collecti
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Training steps per epoch of a config whose data.num_train is set."""
-  return build.steps_per_epoch(config, config.data.num_train)
+  return extra.steps_per_epoch(config, config.data.num_train)
 
 
 EXTRA_MARKER = 255  # Every pixel of the extra images `with_generated_recipe` writes.

@@ -32,8 +32,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402  (after the device count is set)
 import optax  # noqa: E402
 
-from jaxdefense import (  # noqa: E402
-    attacks, build, defenses, indicators, models, objectives, parallel, steps)
+from jaxdefense import attacks, defenses, models, parallel  # noqa: E402
+from jaxdefense.evaluation import indicators  # noqa: E402
+from jaxdefense.training import objectives, steps, train_state  # noqa: E402
 
 
 def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
@@ -41,7 +42,7 @@ def run(defense_name: str, objective_name: str, mesh) -> dict[str, np.ndarray]:
   defense = defenses.DefenseConfig(name=defense_name)
   model = models.create("wide_resnet", num_classes=4, defense=defense, depth=10, width=1)
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-  state = parallel.replicate(mesh, build.create_train_state(model, tx, jax.random.key(0),
+  state = parallel.replicate(mesh, train_state.create(model, tx, jax.random.key(0),
                                                             (8, 8, 1), ema=True))
   objective = objectives.make(objective_name, model, defense,
                               objectives.AttackConfig(eps=0.1, step_size=0.03, steps=3))

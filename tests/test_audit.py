@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import attacks, autoattack_checks, curves, indicators
+from jaxdefense import attacks
+from jaxdefense.evaluation import autoattack_checks, curves, indicators
 from jaxdefense.attacks import losses
 from jaxdefense.models.common import ModelOutput
 

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdefense import awp, build, defenses, models, objectives, steps
+from jaxdefense import defenses, models
+from jaxdefense.training import awp, objectives, steps, train_state
 
 ATTACK = objectives.AttackConfig(eps=0.1, step_size=0.03, steps=2)
 
@@ -28,7 +29,7 @@ def objective_model(objective):
 
 
 def _sgd():
-  """build.make_optimizer's optimizer: torch.optim.SGD's L2 weight decay and momentum."""
+  """optim.make_optimizer's optimizer: torch.optim.SGD's L2 weight decay and momentum."""
   return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
 
@@ -174,7 +175,7 @@ def test_train_step_with_awp_is_the_recipe():
   awp_step = jax.jit(functools.partial(_awp_step, objective=objective, tx=tx, gamma=0.01,
                                        active=True))
   plain_step = jax.jit(functools.partial(_plain_step, objective=objective, tx=tx))
-  state = build.create_train_state(objective_model(objective), tx, jax.random.key(0),
+  state = train_state.create(objective_model(objective), tx, jax.random.key(0),
                                    (8, 8, 1), ema=False)
   state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
                         opt_state=tx.init(v["params"]))

@@ -225,7 +225,7 @@ def test_bad_converter_inputs_are_one_line_each(tmp_path):
       (["export", *base, f"--workdir={tmp_path / 'e'}", f"--torch={tmp_path / 'out.pt'}"],
        "no checkpoint in", 6),
       (["convert", *base, f"--workdir={tmp_path / 'f'}", "--torch=x.pt"],
-       "usage: python -m jaxdefense.convert import|export", 2),
+       "usage: python -m jaxdefense.interop.convert import|export", 2),
   ]
   results = _drive("convert", [c for c, _, _ in cases], tmp_path)
   for result, (_, words, code) in zip(results, cases):

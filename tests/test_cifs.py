@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdefense import attacks, defenses, models, objectives
+from jaxdefense import attacks, defenses, models
+from jaxdefense.training import objectives
 from jaxdefense.defenses import cifs
 from jaxdefense.models import common
 

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxdefense import build, models
+from jaxdefense import defenses, models
+from jaxdefense.data import extra
+from jaxdefense.training import optim, train_state
 from tests.helpers import ROOT, load_config as load
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -156,14 +158,14 @@ def test_generated_recipes_step_counts_and_rates_are_the_codes():
   first 979 updates (decay 0) and 0.995-capped after; DeepMind: peak rate 0.4, 49 x 400 =
   19,600 steps (its code: int(400 x 50000 / 1024) = 19,531, docs/fidelity.md)."""
   wang, gowal = load("generated", "wang2023,wrn28_10"), load("generated", "gowal2021,wrn28_10")
-  assert build.steps_per_epoch(wang, 50_000) == 98
-  assert build.steps_per_epoch(gowal, 50_000) == 49
-  assert build.peak_learning_rate(gowal) == pytest.approx(0.4)
-  decay = build.ema_decay(wang)
+  assert extra.steps_per_epoch(wang, 50_000) == 98
+  assert extra.steps_per_epoch(gowal, 50_000) == 49
+  assert optim.peak_learning_rate(gowal) == pytest.approx(0.4)
+  decay = train_state.ema_decay(wang)
   assert [float(decay(jnp.asarray(k))) for k in (0, 978)] == [0.0, 0.0]
   assert float(decay(jnp.asarray(979))) == pytest.approx(0.1)  # DM's first: (1+0)/(10+0)
   assert float(decay(jnp.asarray(39_199))) == pytest.approx(0.995)
-  assert float(build.ema_decay(gowal)(jnp.asarray(0))) == pytest.approx(0.1)
+  assert float(train_state.ema_decay(gowal)(jnp.asarray(0))) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("bad", ["wang2023", "wang2023,wrn34_10", "kim2023,wrn28_10",
@@ -180,7 +182,7 @@ def test_cifs_default_sites_and_probes_are_the_authors():
                                           ("wrn34_10", "cifs_block3_4_preact", "cifs_final", 240)):
     c = load("cifs", arch)
     model = models.create(c.model.arch, num_classes=10,
-                          defense=build.defense_config(c))
+                          defense=defenses.from_config(c))
     params = jax.eval_shape(lambda: models.init(model, jax.random.key(0), (32, 32, 3)))["params"]
     flat_params = {"/".join(k.key for k in path): leaf.shape
                    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

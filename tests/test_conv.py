@@ -1,4 +1,4 @@
-"""jaxdefense.conv: same values and gradients as lax's convolution, canonical inside loops."""
+"""jaxdefense.convolution: same values and gradients as lax's convolution, canonical inside loops."""
 import re
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import conv
+from jaxdefense import convolution
 
 CASES = [  # (size, in, out, kernel, stride, padding)
     (8, 3, 4, 3, 1, ((1, 1), (1, 1))),
@@ -32,11 +32,11 @@ def test_values_and_gradients_match_lax(size, cin, cout, kernel, stride, padding
     w = jax.random.normal(key_w, (kernel, kernel, cin, cout), jnp.float64)
 
     def loss(fn, x, w):
-      y = fn(x, w, (stride, stride), padding, dimension_numbers=conv.CANONICAL)
+      y = fn(x, w, (stride, stride), padding, dimension_numbers=convolution.CANONICAL)
       return jnp.sum(jnp.sin(y) * jax.random.normal(key_t, y.shape, jnp.float64))
 
     both = jax.jit(lambda x, w: [jax.value_and_grad(lambda x, w: loss(fn, x, w), (0, 1))(x, w)
-                                 for fn in (conv.conv_general_dilated,
+                                 for fn in (convolution.conv_general_dilated,
                                             jax.lax.conv_general_dilated)])
     ours, ref = both(x, w)
     np.testing.assert_allclose(ours[0], ref[0], rtol=1e-12)
@@ -49,8 +49,8 @@ def test_input_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(1), (1, 5, 5, 2), jnp.float64)
     w = jax.random.normal(jax.random.key(2), (3, 3, 2, 3), jnp.float64)
-    f = lambda x: jnp.sum(conv.conv_general_dilated(
-        x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=conv.CANONICAL) ** 2)
+    f = lambda x: jnp.sum(convolution.conv_general_dilated(
+        x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=convolution.CANONICAL) ** 2)
     grad = np.asarray(jax.grad(f)(x))
     for index in [(0, 0, 0, 0), (0, 2, 3, 1), (0, 4, 4, 0), (0, 3, 0, 1)]:
       e = np.zeros(x.shape)
@@ -63,8 +63,8 @@ def test_bfloat16_gradient_keeps_input_dtype():
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.bfloat16)
   f = lambda fn: jax.grad(lambda x: jnp.sum(fn(
-      x, w, (2, 2), "SAME", dimension_numbers=conv.CANONICAL).astype(jnp.float32)))(x)
-  ours, ref = f(conv.conv_general_dilated), f(jax.lax.conv_general_dilated)
+      x, w, (2, 2), "SAME", dimension_numbers=convolution.CANONICAL).astype(jnp.float32)))(x)
+  ours, ref = f(convolution.conv_general_dilated), f(jax.lax.conv_general_dilated)
   assert ours.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
                              rtol=2e-2, atol=2e-2)
@@ -74,21 +74,21 @@ def test_other_layouts_and_dilations_are_lax_itself():
   """Cases outside the plain NHWC/HWIO one are passed to lax unchanged (no custom VJP)."""
   x = jnp.ones((1, 3, 6, 6))
   w = jnp.ones((4, 3, 3, 3))
-  jaxpr = str(jax.make_jaxpr(lambda x: conv.conv_general_dilated(
+  jaxpr = str(jax.make_jaxpr(lambda x: convolution.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")))(x))
   assert "custom_vjp" not in jaxpr
   x = jnp.ones((1, 6, 6, 4))
   w = jnp.ones((3, 3, 2, 4))
-  grouped = lambda x: conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=conv.CANONICAL, feature_group_count=2)
+  grouped = lambda x: convolution.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=convolution.CANONICAL, feature_group_count=2)
   assert "custom_vjp" not in str(jax.make_jaxpr(grouped)(x))
   np.testing.assert_allclose(grouped(x), jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=conv.CANONICAL, feature_group_count=2))
+      x, w, (1, 1), "SAME", dimension_numbers=convolution.CANONICAL, feature_group_count=2))
 
 
 def test_module_keeps_nn_conv_parameters():
   x = jnp.ones((2, 8, 8, 3))
-  ours = conv.Conv(5, (3, 3), (2, 2), padding=1)
+  ours = convolution.Conv(5, (3, 3), (2, 2), padding=1)
   ref = nn.Conv(5, (3, 3), (2, 2), padding=1)
   variables = ours.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(
@@ -108,8 +108,8 @@ def test_input_gradient_in_a_loop_has_only_canonical_convolutions():
   w2 = jax.random.normal(jax.random.key(2), (3, 3, 8, 4)) * 0.1
 
   def model(x):
-    h = jnp.tanh(conv.Conv(8, (3, 3), use_bias=False).apply({"params": {"kernel": w1}}, x))
-    return conv.Conv(4, (3, 3), (2, 2), use_bias=False).apply({"params": {"kernel": w2}}, h)
+    h = jnp.tanh(convolution.Conv(8, (3, 3), use_bias=False).apply({"params": {"kernel": w1}}, x))
+    return convolution.Conv(4, (3, 3), (2, 2), use_bias=False).apply({"params": {"kernel": w2}}, h)
 
   def attack(x):
     step = lambda _, v: v + 0.01 * jnp.sign(jax.grad(lambda u: jnp.sum(model(u) ** 2))(v))
@@ -131,8 +131,8 @@ def test_small_inputs_keep_the_canonical_layout(size):
     pytest.skip("the operand swap is specific to XLA CPU")
   x = jnp.ones((4, size, size, 16))
   w = jnp.ones((3, 3, 16, 8))
-  grad = jax.grad(lambda x: jnp.sum(conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=conv.CANONICAL) ** 2))
+  grad = jax.grad(lambda x: jnp.sum(convolution.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=convolution.CANONICAL) ** 2))
   hlo = jax.jit(grad).lower(x).compile().as_text()
   labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", hlo)
   assert labels and set(labels) == {"b01f_01io->b01f"}, labels

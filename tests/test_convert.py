@@ -1,4 +1,4 @@
-"""PyTorch <-> jaxdefense weights (jaxdefense.convert, jaxdefense/layouts.py).
+"""PyTorch <-> jaxdefense weights (jaxdefense.interop.convert, jaxdefense/torch_layouts.py).
 
 Each layout is checked against a small PyTorch model with the source's structure and key
 names (tests/torch_models.py), randomly initialised (BatchNorm statistics included):
@@ -18,8 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdefense import (build, convert, defenses, errors, layouts, models, parallel,  # noqa: E402
-                        train)
+from jaxdefense import data, defenses, errors, models, parallel  # noqa: E402
+from jaxdefense.interop import convert, torch_layouts  # noqa: E402
+from jaxdefense.training import train, train_state  # noqa: E402
 from tests import torch_models as tm  # noqa: E402
 from tests.helpers import ROOT, TINY, load_config, tiny_config  # noqa: E402
 
@@ -58,12 +59,12 @@ CASES = {
 
 
 def test_every_layout_is_tested():
-  assert set(CASES) == set(layouts.LAYOUTS)
+  assert set(CASES) == set(torch_layouts.LAYOUTS)
 
 
 def _jax_model(name: str, num_classes: int = 10):
   _, arch, kwargs = CASES[name]
-  defense = defenses.DefenseConfig(name=layouts.LAYOUTS[name].defense, hidden=HIDDEN)
+  defense = defenses.DefenseConfig(name=torch_layouts.LAYOUTS[name].defense, hidden=HIDDEN)
   return models.create(arch, num_classes=num_classes, defense=defense, **kwargs)
 
 
@@ -80,7 +81,7 @@ def _torch_state_dict(name: str, seed: int = 0):
 def test_logits_and_aux_outputs_match_pytorch(name):
   module, sd = _torch_state_dict(name)
   model = _jax_model(name)
-  variables = convert.to_variables(sd, layouts.LAYOUTS[name], _abstract(model), 10)
+  variables = convert.to_variables(sd, torch_layouts.LAYOUTS[name], _abstract(model), 10)
   x = np.random.default_rng(1).uniform(size=(4, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     logits, aux = module(torch.from_numpy(x.transpose(0, 3, 1, 2)))
@@ -95,7 +96,7 @@ def test_logits_and_aux_outputs_match_pytorch(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_round_trip_is_exact_and_loads_strictly(name):
   module, sd = _torch_state_dict(name, seed=2)
-  layout = layouts.LAYOUTS[name]
+  layout = torch_layouts.LAYOUTS[name]
   variables = convert.to_variables(sd, layout, _abstract(_jax_model(name)), 10)
   back = convert.to_state_dict(variables, layout)
   unused = layout.unused.replace("\\", "") if layout.unused else None
@@ -113,8 +114,8 @@ def test_data_parallel_prefix_is_stripped():
   _, sd = _torch_state_dict("resnet18")
   wrapped = {f"module.{k}": v for k, v in sd.items()}
   model = _jax_model("resnet18")
-  a = convert.to_variables(wrapped, layouts.LAYOUTS["resnet18"], _abstract(model), 10)
-  b = convert.to_variables(sd, layouts.LAYOUTS["resnet18"], _abstract(model), 10)
+  a = convert.to_variables(wrapped, torch_layouts.LAYOUTS["resnet18"], _abstract(model), 10)
+  b = convert.to_variables(sd, torch_layouts.LAYOUTS["resnet18"], _abstract(model), 10)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -132,7 +133,7 @@ def test_bad_state_dicts_name_the_key(edit, expected):
   _, sd = _torch_state_dict("resnet18")
   edit(sd)
   with pytest.raises(errors.WeightsMismatch, match=expected):
-    convert.to_variables(sd, layouts.LAYOUTS["resnet18"], _abstract(_jax_model("resnet18")), 10)
+    convert.to_variables(sd, torch_layouts.LAYOUTS["resnet18"], _abstract(_jax_model("resnet18")), 10)
 
 
 def test_cas_heads_hard_coded_to_ten_classes_are_named():
@@ -140,14 +141,14 @@ def test_cas_heads_hard_coded_to_ten_classes_are_named():
   model = _jax_model("cas_resnet18", num_classes=100)
   sd["linear.weight"], sd["linear.bias"] = torch.zeros(100, 64), torch.zeros(100)
   with pytest.raises(errors.WeightsMismatch, match="hard-codes 10 classes"):
-    convert.to_variables(sd, layouts.LAYOUTS["cas_resnet18"], _abstract(model), 100)
+    convert.to_variables(sd, torch_layouts.LAYOUTS["cas_resnet18"], _abstract(model), 100)
 
 
 def test_a_model_the_layout_does_not_hold_is_refused():
   model = models.create("resnet18", num_classes=10, width=8,
                         defense=defenses.DefenseConfig(name="cas", sites=("layer3.*",)))
   with pytest.raises(errors.WeightsMismatch, match="module 'cas_layer3_0'"):
-    convert.tensors(layouts.LAYOUTS["cas_resnet18"], _abstract(model))
+    convert.tensors(torch_layouts.LAYOUTS["cas_resnet18"], _abstract(model))
 
 
 def test_unknown_layout_lists_the_layouts():
@@ -174,7 +175,7 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
              tmp_path / "model.pt")
   config = os.path.join(ROOT, "configs", "quickstart.py")
   common = [f"--config={config}", *TINY, "--workdir=runs/imported"]
-  run = _run("jaxdefense.convert", "import", "--layout=resnet18", "--torch=model.pt", *common,
+  run = _run("jaxdefense.interop.convert", "import", "--layout=resnet18", "--torch=model.pt", *common,
              cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "imported model.pt (resnet18) as step 0" in run.stdout
@@ -183,13 +184,13 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
              "--config.eval.attacks=('fgsm',)", cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((tmp_path / "runs/imported/eval.json").read_text())
-  dataset = build.load_data(tiny_config())
+  dataset = data.from_config(tiny_config())
   with torch.no_grad():
     x = torch.from_numpy(dataset.test_images.astype(np.float32).transpose(0, 3, 1, 2) / 255)
     expected = (module(x)[0].argmax(1).numpy() == dataset.test_labels).mean()
   assert report["results"]["natural"]["accuracy"] == pytest.approx(expected, abs=1e-9)
 
-  run = _run("jaxdefense.convert", "export", "--layout=resnet18", "--torch=back.pt", *common,
+  run = _run("jaxdefense.interop.convert", "export", "--layout=resnet18", "--torch=back.pt", *common,
              cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   back = torch.load(tmp_path / "back.pt", weights_only=True)
@@ -207,11 +208,11 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
     train.train_and_evaluate(c, "runs/fine_tuned")
   finally:
     os.chdir(cwd)
-  model = build.build_model(c, dataset.num_classes)
+  model = models.from_config(c, dataset.num_classes)
   mesh = parallel.make_mesh()
-  tuned, _ = build.restore_variables(c, tmp_path / "runs/fine_tuned", "latest", model,
+  tuned, _ = train_state.restore_variables(c, tmp_path / "runs/fine_tuned", "latest", model,
                                      dataset.image_shape, mesh)
-  imported, _ = build.restore_variables(c, tmp_path / "runs/imported", "latest", model,
+  imported, _ = train_state.restore_variables(c, tmp_path / "runs/imported", "latest", model,
                                         dataset.image_shape, mesh)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned["params"]),
                jax.device_get(imported["params"]))
@@ -220,7 +221,7 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
 def test_import_refuses_a_config_of_another_model(tmp_path):
   torch.save(tm.ResNet(width=8).state_dict(), tmp_path / "model.pt")
   config = os.path.join(ROOT, "configs", "quickstart.py") + ":cas"
-  run = _run("jaxdefense.convert", "import", "--layout=resnet18", "--torch=model.pt",
+  run = _run("jaxdefense.interop.convert", "import", "--layout=resnet18", "--torch=model.pt",
              f"--config={config}", "--workdir=runs/x", cwd=tmp_path)
   assert run.returncode == errors.WeightsMismatch.exit_code
   assert "error: layout resnet18" in run.stderr
@@ -229,9 +230,9 @@ def test_import_refuses_a_config_of_another_model(tmp_path):
 
 
 def test_help_lists_the_layouts():
-  run = _run("jaxdefense.convert", "--help", cwd=ROOT)
-  assert "python -m jaxdefense.convert import --layout=" in run.stdout, run.stderr
-  for name in layouts.LAYOUTS:
+  run = _run("jaxdefense.interop.convert", "--help", cwd=ROOT)
+  assert "python -m jaxdefense.interop.convert import --layout=" in run.stdout, run.stderr
+  for name in torch_layouts.LAYOUTS:
     assert name in run.stdout
 
 
@@ -261,9 +262,9 @@ def test_each_layouts_config_builds_the_full_size_pytorch_model(name):
   and maps to exactly the full-size PyTorch model's keys and shapes (shapes only)."""
   (config_name, argument), factory = FULL_SIZE[name]
   config = load_config(config_name, argument)
-  layout = layouts.LAYOUTS[name]
+  layout = torch_layouts.LAYOUTS[name]
   convert.check_config(config, layout, name)
-  model = build.build_model(config, 10)
+  model = models.from_config(config, 10)
   ts = convert.tensors(layout, _abstract(model))
   torch_shapes = {k: tuple(v.shape) for k, v in factory().state_dict().items()
                   if not k.endswith("num_batches_tracked")

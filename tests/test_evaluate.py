@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxdefense import analysis, audit, build, evaluate, indicators, parallel, protocols, train
+from jaxdefense import data, models, parallel
+from jaxdefense.evaluation import analysis, audit, evaluate, indicators, protocols
+from jaxdefense.training import train, train_state
 from tests.helpers import ROOT, TINY, run_main, tiny_config
 
 FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},
@@ -131,7 +133,7 @@ def test_analysis(trained_fsr):
   assert json.load(open(os.path.join(workdir, "analysis.json")))["sites"].keys() == {"layer2.0"}
   assert os.path.exists(os.path.join(workdir, "analysis_layer2.0.png"))
   frequency = report["activation_frequency"]
-  images = int(np.sum(build.load_data(config).test_labels == 0))  # Class 0 of the 96.
+  images = int(np.sum(data.from_config(config).test_labels == 0))  # Class 0 of the 96.
   assert frequency["class_index"] == 0 and frequency["num_images"] == images > 0
   for kind in ("natural", "adversarial"):
     counts = np.asarray(frequency["sites"]["layer2.0"][kind])
@@ -340,15 +342,15 @@ def test_audit_of_a_checkpoint_reports_everything_and_resumes(trained_fsr, tmp_p
 
 
 def _test_points(config):
-  dataset = build.load_data(config)
+  dataset = data.from_config(config)
   n = config.eval.num_examples
   return dataset.test_images[:n], dataset.test_labels[:n]
 
 
 def _restored(config, workdir):
-  dataset = build.load_data(config)
-  model = build.build_model(config, dataset.num_classes)
-  variables, _ = build.restore_variables(config, epath.Path(workdir), "latest", model,
+  dataset = data.from_config(config)
+  model = models.from_config(config, dataset.num_classes)
+  variables, _ = train_state.restore_variables(config, epath.Path(workdir), "latest", model,
                                          dataset.image_shape, parallel.make_mesh())
   return model, variables
 

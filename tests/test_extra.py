@@ -12,7 +12,8 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from jaxdefense import data, errors, extra
+from jaxdefense import data, errors
+from jaxdefense.data import extra
 
 SHAPE = (4, 4, 3)
 MARKER = 255  # Every pixel of an extra image; real images stay below it.
@@ -208,7 +209,7 @@ def test_a_compressed_npz_over_the_limit_is_refused_with_the_prepare_command(tmp
   images, labels = _arrays(10)
   np.savez_compressed(tmp_path / "big.npz", image=images, label=labels)
   with pytest.raises(errors.DataError, match=r"over max_npz_bytes=100 .* python -m "
-                                             r"jaxdefense.extra prepare --source=.*big.npz"):
+                                             r"jaxdefense.data.extra prepare --source=.*big.npz"):
     _open([os.fspath(tmp_path / "big.npz")], max_npz_bytes=100)
 
 
@@ -333,7 +334,8 @@ def test_gs_sources_npz_prepared_and_globs(tmp_path, monkeypatch):
 _STREAM = textwrap.dedent("""
     import json, re, sys
     import numpy as np
-    from jaxdefense import data, extra
+    from jaxdefense import data
+    from jaxdefense.data import extra
 
     def status(field):
       text = open("/proc/self/status").read()
@@ -374,7 +376,7 @@ def test_streaming_memory_is_bounded_by_the_buffer(tmp_path):
 _TRAIN = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, sys.argv[3])
-    from jaxdefense import train
+    from jaxdefense.training import train
     from tests.helpers import tiny_config
 
     c = tiny_config()

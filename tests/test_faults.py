@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import build, errors, evaluate, guard, train
+from jaxdefense import errors, models
+from jaxdefense.evaluation import evaluate
+from jaxdefense.training import optim, train, train_state
+from jaxdefense.workdir import lock
 from jaxdefense.checkpoint import Checkpointer
 from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, saved_state, steps_per_epoch,
                            tiny_config, total_steps)
@@ -111,8 +114,8 @@ def test_diverged_run_stops_saves_nothing_after_and_reports_no_result(tmp_path):
   # A non-finite checkpoint (saved by hand) is refused by evaluation.
   good = tiny_config()
   train.train_and_evaluate(good, tmp_path / "good")
-  target = jax.eval_shape(lambda: build.create_train_state(
-      build.build_model(good, 10), build.make_optimizer(good, steps_per_epoch(good))[0],
+  target = jax.eval_shape(lambda: train_state.create(
+      models.from_config(good, 10), optim.make_optimizer(good, steps_per_epoch(good))[0],
       jax.random.key(0), (8, 8, 1), ema=True))
   with Checkpointer(tmp_path / "good" / "checkpoints", save_every_steps=1, keep=5,
                     best_metric="pgd_accuracy") as ckpt:
@@ -143,7 +146,7 @@ def test_a_point_with_non_finite_logits_is_not_robust():
 
 def test_second_training_on_a_held_workdir_refuses_and_eval_runs_beside(trained, tmp_path):
   config, run = _copy(trained, tmp_path)
-  held = guard.Lock(run).acquire()
+  held = lock.Lock(run).acquire()
   try:
     with pytest.raises(errors.WorkdirBusy, match=rf"in use by a training run on host "
                                                  rf"{socket.gethostname()}, process {os.getpid()}"):
@@ -160,13 +163,13 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
   dead.wait()
   (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(),
                                                   "pid": dead.pid, "started": "earlier"}))
-  with guard.Lock(tmp_path):
+  with lock.Lock(tmp_path):
     assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
   assert f"its process {dead.pid}" in capsys.readouterr().out
   (tmp_path / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1,
                                                   "started": "earlier"}))
   with pytest.raises(errors.WorkdirBusy, match="host elsewhere, process 1.*delete .*lock.json"):
-    guard.Lock(tmp_path).acquire()
+    lock.Lock(tmp_path).acquire()
 
 
 def test_a_config_that_builds_another_model_is_one_error(trained, tmp_path):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import defenses, models, objectives
+from jaxdefense import defenses, models
+from jaxdefense.training import objectives
 from tests.reference import np_ce, np_log_softmax
 
 

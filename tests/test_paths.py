@@ -5,7 +5,7 @@ import os
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from jaxdefense import paths
+from jaxdefense.workdir import paths
 
 
 def test_relative_home_and_symlinked_paths_become_absolute(tmp_path, monkeypatch):

@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdefense import attacks, build, defenses, models, objectives, steps
+from jaxdefense import attacks, defenses, models
+from jaxdefense.training import objectives, steps, train_state
 
 
 def _step(dtype, defense, objective="pgd_at"):
   model = models.create("wide_resnet", num_classes=4, defense=defenses.DefenseConfig(name=defense),
                         depth=10, width=1, dtype=dtype)
   tx = optax.sgd(0.1, momentum=0.9)
-  state = build.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), ema=False)
+  state = train_state.create(model, tx, jax.random.key(0), (8, 8, 1), ema=False)
   objective = objectives.make(objective, model, model.defense,
                               objectives.AttackConfig(eps=0.1, step_size=0.03, steps=2))
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,

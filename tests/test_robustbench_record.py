@@ -1,8 +1,8 @@
 """robustbench.json: RobustBench's model_info fields from an evaluation report (the layout
 of RobustBench's `model_info/cifar10/Linf/Wang2023Better_WRN-28-10.json`), and what it
 says RobustBench would want changed."""
-from jaxdefense import robustbench_record
-from jaxdefense.default_config import get as default_config
+from jaxdefense.evaluation import robustbench_record
+from jaxdefense.config.defaults import get as default_config
 from tests.helpers import load_config
 
 MODEL_INFO_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes",

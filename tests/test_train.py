@@ -14,8 +14,11 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX import record_writer
 
-from jaxdefense import analysis, build, checkpoint, data, evaluate, train, validation
-from jaxdefense.default_config import get as default_config
+from jaxdefense import checkpoint, data, models
+from jaxdefense.config import validation
+from jaxdefense.evaluation import analysis, evaluate
+from jaxdefense.training import optim, steps, train, train_state
+from jaxdefense.config.defaults import get as default_config
 from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, steps_per_epoch, tiny_config,
                            total_steps, with_generated_recipe, write_extra, EXTRA_MARKER,
                            load_config)
@@ -56,10 +59,10 @@ def test_main_end_to_end_with_a_relative_workdir_and_resume(tmp_path):
 
 
 def _final_state(workdir, config):
-  dataset = build.load_data(config)
-  model = build.build_model(config, dataset.num_classes)
-  tx, _ = build.make_optimizer(config, steps_per_epoch(config))
-  target = jax.eval_shape(lambda: build.create_train_state(
+  dataset = data.from_config(config)
+  model = models.from_config(config, dataset.num_classes)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch(config))
+  target = jax.eval_shape(lambda: train_state.create(
       model, tx, jax.random.key(0), dataset.image_shape, ema=True))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every_steps=1,
                                  keep=1)
@@ -118,16 +121,16 @@ def test_learning_rate_schedules():
   ends at 0."""
   c = default_config()
   c.optim.lr, c.optim.milestones, c.train.epochs = 0.1, (75, 90), 100
-  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([schedule(0), schedule(749), schedule(750), schedule(899),
                               schedule(900)], [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
   c.optim.schedule = "cosine"
-  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([schedule(0), schedule(500), schedule(1000)], [0.1, 0.05, 0.0],
                              atol=1e-7)
   c.optim.schedule = "step"
   with pytest.raises(ValueError, match="unknown optim.schedule 'step'"):
-    build.learning_rate_schedule(c, steps_per_epoch=10)
+    optim.learning_rate_schedule(c, steps_per_epoch=10)
 
 
 def test_warm_up_then_cosine_with_the_rate_scaled_by_the_batch():
@@ -137,14 +140,14 @@ def test_warm_up_then_cosine_with_the_rate_scaled_by_the_batch():
   c = default_config()
   c.optim.lr, c.optim.lr_reference_batch, c.train.batch_size = 0.1, 256, 1024
   c.optim.schedule, c.optim.warmup_epochs, c.train.epochs = "cosine", 10, 100
-  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=10)
   peak, warmup, total = 0.4, 100, 1000
   for step in (0, 1, 50, 99, 100, 101, 550, 999, 1000):
     expected = (peak * step / warmup if step < warmup else
                 0.5 * peak * (1 + np.cos(np.pi * (step - warmup) / (total - warmup))))
     np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-7, err_msg=step)
   c.optim.schedule, c.optim.warmup_epochs, c.optim.milestones = "piecewise", 5, (75, 90)
-  schedule = build.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([schedule(25), schedule(50), schedule(749), schedule(750)],
                              [0.2, 0.4, 0.4, 0.04], rtol=1e-6)
 
@@ -154,7 +157,7 @@ def test_optimizer_is_torch_sgd():
   g += wd p; buf = m buf + g; p -= lr buf."""
   c = default_config()
   c.optim.schedule, c.optim.lr, c.optim.weight_decay, c.optim.momentum = "constant", 0.1, 0.01, 0.9
-  tx, _ = build.make_optimizer(c, steps_per_epoch=1)
+  tx, _ = optim.make_optimizer(c, steps_per_epoch=1)
   p = {"w": np.array([1.0, -2.0], np.float32)}
   state = tx.init(p)
   buf = np.zeros(2)
@@ -170,12 +173,12 @@ def test_optimizer_is_torch_sgd():
 def test_onecycle_is_torch_onecyclelr_stepped_per_epoch_with_nesterov_sgd():
   """DM-Improves-AT's `cosinew`: 12 epochs of 3 steps of torch.optim.SGD (Nesterov, weight
   decay) under OneCycleLR(max_lr=0.2, pct_start=3/12, total_steps=12) stepped after each
-  epoch, rate and cycled momentum included, equal the optimizer build.make_optimizer makes."""
+  epoch, rate and cycled momentum included, equal the optimizer optim.make_optimizer makes."""
   torch = pytest.importorskip("torch")
   c = default_config()
   c.optim.schedule, c.optim.lr, c.optim.warmup_epochs, c.train.epochs = "onecycle", 0.2, 3, 12
   c.optim.nesterov, c.optim.weight_decay = True, 5e-4
-  tx, schedule = build.make_optimizer(c, steps_per_epoch=3)
+  tx, schedule = optim.make_optimizer(c, steps_per_epoch=3)
   weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
   sgd = torch.optim.SGD([weights], lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
   onecycle = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.2, pct_start=3 / 12,
@@ -249,16 +252,16 @@ def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
   from jaxdefense.attacks import losses
   from jaxdefense.models import ModelOutput
   cas, none = tiny_config("cas"), tiny_config()
-  assert build.in_training_pgd_loss(none) is losses.cross_entropy
-  assert build.in_training_pgd_title(none) == "PGD-2"
+  assert steps.in_training_pgd_loss(none) is losses.cross_entropy
+  assert steps.in_training_pgd_title(none) == "PGD-2"
   logits = np.array([[2.0, 0.0, -1.0]], np.float32)
   out = ModelOutput(logits, {"cas/layer2.0": np.array([[0.0, 3.0, 0.0]], np.float32)})
   labels = np.array([0])
   ce = float(losses.cross_entropy(out, labels)[0])
-  assert float(build.in_training_pgd_loss(cas)(out, labels)[0]) > ce + 1  # + 2 x head CE (~3)
-  assert build.in_training_pgd_title(cas) == "PGD-2 on the CAS loss"
+  assert float(steps.in_training_pgd_loss(cas)(out, labels)[0]) > ce + 1  # + 2 x head CE (~3)
+  assert steps.in_training_pgd_title(cas) == "PGD-2 on the CAS loss"
   cas.eval_pgd.loss = "ce"
-  assert build.in_training_pgd_loss(cas) is losses.cross_entropy
+  assert steps.in_training_pgd_loss(cas) is losses.cross_entropy
   cas.eval_pgd.loss = "margin"
   with pytest.raises(ValueError, match="unknown eval_pgd.loss 'margin'; allowed: auto, ce"):
     validation.check_eval_pgd(cas)
@@ -305,10 +308,11 @@ def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defen
 
 
 def _tiny_step_setup(recipe, objective_name="natural"):
-  from jaxdefense import defenses, models, objectives, steps  # noqa: PLC0415
+  from jaxdefense import defenses, models  # noqa: PLC0415
+  from jaxdefense.training import objectives, steps  # noqa: PLC0415
   model = models.create("resnet", num_classes=4, stage_sizes=(1,), width=4)
   tx = optax.sgd(0.1, momentum=0.9)
-  state = build.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), ema=True)
+  state = train_state.create(model, tx, jax.random.key(0), (8, 8, 1), ema=True)
   objective = objectives.make(objective_name, model, defenses.DefenseConfig(),
                               objectives.AttackConfig(steps=1), label_smoothing=0.2)
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
@@ -326,10 +330,10 @@ def test_ema_warm_up_schedule_is_the_recipes_recurrence(batch_stats):
   """ema <- d_k ema + (1 - d_k) w_{k+1}, d_k = 0 for the first W = 2 updates (the EMA copies
   the weights), then min(0.9, (1 + d) / (10 + d)) with d = k - W (DM-Improves-AT's
   ema_update; NumPy recurrence); BatchNorm statistics averaged alike or the model's."""
-  from jaxdefense import steps  # noqa: PLC0415
+  from jaxdefense.training import steps  # noqa: PLC0415
   c = default_config()
   c.train.ema_decay, c.train.ema_schedule, c.train.ema_warmup_steps = 0.9, "warmup", 2
-  recipe = steps.Recipe(ema_decay=build.ema_decay(c), ema_batch_stats=batch_stats)
+  recipe = steps.Recipe(ema_decay=train_state.ema_decay(c), ema_batch_stats=batch_stats)
   state, step, batch, _ = _tiny_step_setup(recipe)
   expected = jax.tree.map(np.asarray, state.ema)
   for k in range(6):
@@ -352,7 +356,7 @@ def test_the_step_smooths_the_labels_the_recipe_names(on, smoothed):
   """train_step's loss is the objective's at s = 0.2 on the examples `on` names (all, or the
   batch's "extra" ones), 0 on the rest: its CE is the closed form (1 - s) CE + s mean_k
   (-log p_k) per example."""
-  from jaxdefense import steps  # noqa: PLC0415
+  from jaxdefense.training import steps  # noqa: PLC0415
   state, step, batch, objective = _tiny_step_setup(
       steps.Recipe(label_smoothing=0.2, label_smoothing_on=on))
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -379,7 +383,8 @@ def objective_model_apply(objective, state, images, labels, key):
 def test_a_shard_damaged_mid_run_stops_it_naming_the_shard(tmp_path, monkeypatch):
   """A prepared shard truncated while the run reads it: the run stops with a DataError naming
   the shard; the step whose batch failed never ran, so no checkpoint is of it or later."""
-  from jaxdefense import errors, extra  # noqa: PLC0415
+  from jaxdefense import errors  # noqa: PLC0415
+  from jaxdefense.data import extra  # noqa: PLC0415
   rng = np.random.default_rng(0)
   extra.write_prepared(tmp_path / "prepared", [rng.integers(0, 256, (500, 8, 8, 1), np.uint8)],
                        rng.integers(0, 10, 500), image_shape=(8, 8, 1), source="test",

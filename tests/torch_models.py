@@ -1,5 +1,5 @@
 """Small PyTorch models with the structure and state_dict key names of the authors' and
-RobustBench's (jaxdefense/layouts.py names each source), written here from reading that
+RobustBench's (jaxdefense/torch_layouts.py names each source), written here from reading that
 code, for the conversion tests. Widths and depths are parameters so that tests stay small.
 Each `forward` returns (logits, list of auxiliary logits) in eval mode: CAS heads in
 forward order, FSR's (robust, non-robust, recalibrated).

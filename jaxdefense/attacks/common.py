@@ -290,7 +290,7 @@ def check_n_target(n_target: int, classes: int, attack: str) -> None:
 
 def default_unroll(steps: int) -> int:
   """Attack loops of up to 20 steps are unrolled whole, longer ones by 10: with
-  `jaxdefense.conv`'s convolution a rolled `fori_loop` runs nearly as fast as unrolled code,
+  `jaxdefense.convolution`'s convolution a rolled `fori_loop` runs nearly as fast as unrolled code,
   and partial unrolling keeps compile times low (measured on the CPU only:
   benchmarks/RESULTS.md, 'Attack loop unrolling')."""
   return max(steps, 1) if steps <= 20 else 10

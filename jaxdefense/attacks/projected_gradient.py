@@ -124,7 +124,7 @@ def pgd_trace(model_fn: ModelFn, x: jax.Array, labels: jax.Array, key: jax.Array
               loss: losses.LossFn = losses.cross_entropy, unroll: int | None = None
               ) -> PGDTrace:
   """`pgd` (no EOT) recording each iterate's loss and prediction (the indicators of attack
-  failure read them: `jaxdefense.indicators`); x_adv equals `pgd`'s result. One forward
+  failure read them: `jaxdefense.evaluation.indicators`); x_adv equals `pgd`'s result. One forward
   pass more than `pgd` (at x_T)."""
   _check(eps, steps, norm)
   if random_start and key is None:

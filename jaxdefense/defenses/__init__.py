@@ -165,3 +165,13 @@ def aux_loss(defense: DefenseConfig, logits: jax.Array, aux: dict[str, jax.Array
   if defense.name == "fsr":
     return fsr.aux_loss(logits, aux, labels, lam_sep=defense.lam_sep, lam_rec=defense.lam_rec)
   return jnp.zeros(labels.shape, jnp.float32), {}
+
+
+def from_config(config) -> DefenseConfig:
+  """The DefenseConfig of a run's `config.defense`."""
+  d = config.defense
+  return DefenseConfig(
+      name=d.name, sites=tuple(d.sites) or None, beta=d.beta, tau=d.tau, lam_sep=d.lam_sep,
+      lam_rec=d.lam_rec, hidden=d.hidden, probe_hidden=d.probe_hidden or None,
+      linear_sites=tuple(d.linear_sites) or None, mask_scale=d.mask_scale,
+      loss_rescale=d.loss_rescale)

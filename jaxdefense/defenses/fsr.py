@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdefense import conv
+from jaxdefense import convolution
 from jaxdefense.defenses import outputs
 
 EPS = 1e-8  # The authors' constant inside every log and beside tau.
@@ -48,11 +48,11 @@ class ConvNet(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     channels = x.shape[-1]
     for width in (self.hidden, self.hidden):
-      x = conv.Conv(width, (3, 3), use_bias=False, kernel_init=self.inits.conv, dtype=self.dtype)(x)
+      x = convolution.Conv(width, (3, 3), use_bias=False, kernel_init=self.inits.conv, dtype=self.dtype)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype)(x)
       x = nn.relu(x)
-    return conv.Conv(channels, (3, 3), use_bias=False, kernel_init=self.inits.conv,
+    return convolution.Conv(channels, (3, 3), use_bias=False, kernel_init=self.inits.conv,
                    dtype=self.dtype)(x)
 
 

@@ -57,3 +57,10 @@ def insertion_points(arch: str, **kwargs) -> tuple[str, ...]:
 
 __all__ = ["ARCHITECTURES", "ModelOutput", "check_images", "check_labels", "create", "init",
            "insertion_points"]
+
+
+def from_config(config, num_classes: int, dtype: str | None = None):
+  """The config's model; `dtype` overrides its compute dtype (the parameters stay float32)."""
+  return create(config.model.arch, num_classes=num_classes,
+                       defense=defenses.from_config(config), dtype=dtype or config.model.dtype,
+                       **config.model.kwargs.to_dict())

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import conv, defenses
+from jaxdefense import convolution, defenses
 from jaxdefense.models import common
 
 INITS = {"fsr": defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=nn.initializers.normal(0.01),
@@ -59,7 +59,7 @@ class VGG(common.Backbone):
     x = self.prepare(x)
     for s, widths in enumerate(self.stages):
       for c, features in enumerate(widths):
-        x = conv.Conv(features, (3, 3), padding=1, kernel_init=inits.conv,
+        x = convolution.Conv(features, (3, 3), padding=1, kernel_init=inits.conv,
                       bias_init=inits.dense_bias(9 * x.shape[-1]), dtype=self.dtype,
                       name=f"stage{s + 1}_conv{c}")(x)
         x = self.act(common.batch_norm(train, self.dtype, name=f"stage{s + 1}_bn{c}")(x))

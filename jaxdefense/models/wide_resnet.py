@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdefense import conv, defenses
+from jaxdefense import convolution, defenses
 from jaxdefense.models import common
 
 INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=common.TORCH_DEFAULT.dense_kernel,
@@ -25,8 +25,8 @@ INITS = defenses.Inits(conv=common.HE_FAN_OUT, dense_kernel=common.TORCH_DEFAULT
 
 
 def _conv(features: int, kernel: int, stride: int, dtype, name: str | None = None,
-          padding: str = "symmetric") -> conv.Conv:
-  return conv.Conv(features, (kernel, kernel), (stride, stride),
+          padding: str = "symmetric") -> convolution.Conv:
+  return convolution.Conv(features, (kernel, kernel), (stride, stride),
                    padding=common.conv_padding(kernel, stride, padding), use_bias=False,
                    kernel_init=INITS.conv, dtype=dtype, name=name)
 

@@ -19,10 +19,13 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import (build, checkpoint, data, errors, extra, guard, metric_writer, objectives,
-                        parallel, paths, steps, validation)
-from jaxdefense.build import TrainState
-from jaxdefense.metric_writer import MetricWriter
+from jaxdefense import checkpoint, data, defenses, errors, models, parallel
+from jaxdefense.config import validation
+from jaxdefense.data import extra
+from jaxdefense.training import objectives, optim, steps, train_state
+from jaxdefense.workdir import lock, metrics, paths, run_config
+from jaxdefense.training.train_state import TrainState
+from jaxdefense.workdir.metrics import MetricWriter
 
 
 def evaluate_accuracy(eval_fn: Callable[..., dict], variables: dict, images: np.ndarray,
@@ -46,31 +49,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results.
 
   Before anything is loaded, the config must be valid (`validation.validate`), the extra
-  data files (if any) well-formed (`build.open_extra`), the workdir writable, free
-  (`guard.Lock`: one training per workdir) and, if trained before, trained with a config
-  that builds the same model (`guard.check_config`). Returns the
+  data files (if any) well-formed (`extra.open_from_config`), the workdir writable, free
+  (`lock.Lock`: one training per workdir) and, if trained before, trained with a config
+  that builds the same model (`run_config.check_config`). Returns the
   results, or `{"preempted": True, "step": ...}` after SIGTERM; raises `errors.Diverged` at
   a non-finite loss or gradient norm, having saved nothing from that step on."""
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   validation.validate(config, mesh)
   if config.init_from is not None:
-    guard.check_trained(paths.resolve(config.init_from), config, "config.init_from")
+    run_config.check_trained(paths.resolve(config.init_from), config, "config.init_from")
   is_main = jax.process_index() == 0
-  guard.check_config(workdir, config)
-  source = build.open_extra(config)
-  lock = guard.Lock(workdir)
+  run_config.check_config(workdir, config)
+  source = extra.open_from_config(config)
+  workdir_lock = lock.Lock(workdir)
   try:
     if is_main:
       paths.check_writable(workdir)
-      metric_writer.check_supported(workdir)
-      lock.acquire()
+      metrics.check_supported(workdir)
+      workdir_lock.acquire()
     try:
       if is_main:
-        guard.record_config(workdir, config)
+        run_config.record_config(workdir, config)
       return _train(config, workdir, mesh, source)
     finally:
-      lock.release()
+      workdir_lock.release()
   finally:
     if source is not None:
       source.close()
@@ -96,10 +99,10 @@ class _Run:
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
            source: extra.ExtraSource | None) -> dict:
   is_main = jax.process_index() == 0
-  dataset = build.load_data(config)
-  model = build.build_model(config, dataset.num_classes)
+  dataset = data.from_config(config)
+  model = models.from_config(config, dataset.num_classes)
   batch_size = config.train.batch_size
-  steps_per_epoch = build.steps_per_epoch(config, len(dataset.train_labels))
+  steps_per_epoch = extra.steps_per_epoch(config, len(dataset.train_labels))
   if steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={batch_size} exceeds the "
                              f"{len(dataset.train_labels)} training points of {dataset.name}")
@@ -116,12 +119,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
           f"{config.train.epochs} epochs x {steps_per_epoch} steps = {total_steps} steps",
           flush=True)
 
-  tx, schedule = build.make_optimizer(config, steps_per_epoch)
-  state = build.create_train_state(model, tx, jax.random.key(config.seed), dataset.image_shape,
-                                   ema=build.uses_ema(config))
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  state = train_state.create(model, tx, jax.random.key(config.seed), dataset.image_shape,
+                                   ema=train_state.uses_ema(config))
   state = parallel.replicate(mesh, state)
-  objective = objectives.make(config.objective.name, model, build.defense_config(config),
-                              build.attack_config(config), beta=config.objective.beta,
+  objective = objectives.make(config.objective.name, model, defenses.from_config(config),
+                              objectives.attack_config(config), beta=config.objective.beta,
                               label_smoothing=config.objective.label_smoothing)
   augment = functools.partial(data.augment, **data.augmentation_for(dataset.name))
   step_fn = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx,
@@ -129,11 +132,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
                                       recipe=steps.Recipe.from_config(config, steps_per_epoch)),
                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, pgd=config.eval_pgd,
-                                      loss=build.in_training_pgd_loss(config)))
+                                      loss=steps.in_training_pgd_loss(config)))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints",
                                  save_every_steps=config.train.checkpoint_every_steps,
                                  keep=config.train.keep_checkpoints,
-                                 best_metric=build.BEST_METRIC)
+                                 best_metric=train_state.BEST_METRIC)
   writer = None
   try:
     ckpt.check_space(state)
@@ -143,7 +146,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       if is_main:
         print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
     elif config.init_from is not None:
-      state = build.initialize_from(config, state, model, dataset.image_shape, mesh)
+      state = train_state.initialize_from(config, state, model, dataset.image_shape, mesh)
     # Rows and events logged after the checkpoint (by a run killed later) are dropped.
     writer = MetricWriter(workdir, resume_step=int(state.step) if restored else None)
     run = _Run(config=config, workdir=workdir, mesh=mesh, dataset=dataset, source=source,
@@ -228,12 +231,12 @@ def _evaluate(run: _Run, state: TrainState, *, step: int, epoch: int) -> dict:
   images, labels = run.dataset.test_images, run.dataset.test_labels
   if c.train.eval_examples:
     images, labels = images[:c.train.eval_examples], labels[:c.train.eval_examples]
-  result = evaluate_accuracy(run.eval_fn, state.variables(build.uses_ema(c)), images, labels,
+  result = evaluate_accuracy(run.eval_fn, state.variables(train_state.uses_ema(c)), images, labels,
                              run.mesh, c.train.eval_batch_size, c.seed + 1)
   run.writer.write(step, {f"eval/{k}": v for k, v in result.items()}, epoch=epoch)
   if run.is_main:
     print(f"step {step} (epoch {epoch}): natural {100 * result['natural_accuracy']:.2f}%  "
-          f"{build.in_training_pgd_title(c)} {100 * result['pgd_accuracy']:.2f}% "
+          f"{steps.in_training_pgd_title(c)} {100 * result['pgd_accuracy']:.2f}% "
           f"on {result['num_examples']} test points", flush=True)
   return result
 
@@ -291,7 +294,7 @@ def _loop(run: _Run, state: TrainState) -> dict:
         pending.fetch(run)
         last_eval = _evaluate(run, state, step=step, epoch=completed)
         run.ckpt.save(step, state, force=True, metadata=metadata,
-                      metrics={build.BEST_METRIC: last_eval["pgd_accuracy"]})
+                      metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]})
       elif step % c.train.checkpoint_every_steps == 0:
         pending.fetch(run)
         run.ckpt.save(step, state, metadata=metadata)
@@ -307,14 +310,14 @@ def _loop(run: _Run, state: TrainState) -> dict:
 
   if last_eval is None:  # Resumed a finished run: evaluate its final state again.
     last_eval = _evaluate(run, state, step=step, epoch=c.train.epochs)
-  run.ckpt.save(step, state, force=True, metrics={build.BEST_METRIC: last_eval["pgd_accuracy"]},
+  run.ckpt.save(step, state, force=True, metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]},
                 metadata={"epoch": c.train.epochs, "config": c.name})
   run.ckpt.wait()
   results = {"config": c.name, "epochs": c.train.epochs, "steps": step,
              "natural_accuracy": last_eval["natural_accuracy"],
              "robust_accuracy": last_eval["pgd_accuracy"],
-             "robust_attack": build.in_training_pgd_title(c),
-             "num_examples": last_eval["num_examples"], "ema": build.uses_ema(c)}
+             "robust_attack": steps.in_training_pgd_title(c),
+             "num_examples": last_eval["num_examples"], "ema": train_state.uses_ema(c)}
   if run.is_main:
     paths.write_text(run.workdir / "results.json", json.dumps(results, indent=2))
   return results

@@ -4,7 +4,7 @@ A layout is a list of rules from a jaxdefense module path (the `/`-joined path o
 Conv, Dense, BatchNorm, or CAS head in the variables tree, e.g. `layer4_1/Conv_0`) to the
 PyTorch module prefix holding the same tensors (`layer4.1.conv1`). Each was written from
 the authors' or RobustBench's model code (file named in the description); the tensors under
-a prefix follow from the module's kind (`jaxdefense.convert`).
+a prefix follow from the module's kind (`jaxdefense.interop.convert`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _sequential(index_of: dict[str, int]) -> Callable[[str, int], int]:
   return lambda kind, i: index_of[kind] + 3 * i
 
 
-_CONVNET = _sequential({"Conv": 0, "BatchNorm": 1})  # conv-BN-ReLU repeated, then a conv.
+_CONVNET = _sequential({"Conv": 0, "BatchNorm": 1})  # conv-BN-ReLU repeated, then a convolution.
 
 
 def _fsr_rules(site: str) -> tuple[Rule, ...]:

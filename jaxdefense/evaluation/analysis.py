@@ -24,7 +24,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import attacks, build, data, defenses, guard, parallel, paths, validation
+from jaxdefense import attacks, data, defenses, models, parallel
+from jaxdefense.config import validation
+from jaxdefense.training import train_state
+from jaxdefense.workdir import paths, run_config
 from jaxdefense.defenses import outputs
 
 
@@ -252,10 +255,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   validation.validate(config, mesh)
-  guard.check_trained(workdir, config)
-  dataset = build.load_data(config)
-  model = build.build_model(config, dataset.num_classes)
-  variables, step = build.restore_variables(config, workdir, which, model,
+  run_config.check_trained(workdir, config)
+  dataset = data.from_config(config)
+  model = models.from_config(config, dataset.num_classes)
+  variables, step = train_state.restore_variables(config, workdir, which, model,
                                             dataset.image_shape, mesh)
   n = config.eval.num_examples or len(dataset.test_labels)
   report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],

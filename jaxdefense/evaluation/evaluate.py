@@ -25,10 +25,13 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxdefense import (attacks, autoattack_checks, build, data, defenses, guard, parallel,
-                        paths, protocols, robustbench_record, validation)
+from jaxdefense import attacks, data, defenses, models, parallel
+from jaxdefense.config import validation
+from jaxdefense.evaluation import autoattack_checks, protocols, robustbench_record
+from jaxdefense.training import train_state
+from jaxdefense.workdir import paths, run_config
 from jaxdefense.attacks import auto_attack
-from jaxdefense.protocols import EvalAttack
+from jaxdefense.evaluation.protocols import EvalAttack
 
 # (x, labels, key) -> per point (correct, finite, {name: per-point values}), each (N,): an
 # attack bound to a model; the dict holds what else the attack reports per point (e.g.
@@ -216,7 +219,7 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   (attack, batch) results found in `record` are taken from it, new ones added."""
   e = config.eval
   validation.check_eval(config, mesh)
-  defense = build.defense_config(config)
+  defense = defenses.from_config(config)
   suite = protocols.suite(e)
   if names is None:
     names = protocols.attack_names(e)
@@ -304,20 +307,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   workdir = paths.resolve(workdir)
   mesh = parallel.make_mesh()
   validation.validate(config, mesh)
-  guard.check_trained(workdir, config)
+  run_config.check_trained(workdir, config)
   e = config.eval
-  dataset = build.load_data(config)
+  dataset = data.from_config(config)
   # eval.dtype: the model's compute dtype for evaluation; inputs, perturbations, logits and
   # losses stay float32 (the backbones cast inputs in and logits out).
   dtype = e.dtype or config.model.dtype
-  model = build.build_model(config, dataset.num_classes, dtype=dtype)
-  variables, step = build.restore_variables(config, workdir, which, model, dataset.image_shape,
+  model = models.from_config(config, dataset.num_classes, dtype=dtype)
+  variables, step = train_state.restore_variables(config, workdir, which, model, dataset.image_shape,
                                             mesh)
   n = e.num_examples or len(dataset.test_labels)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   # Finished batches of an interrupted evaluation of this step with this config are reused.
   identity = json.dumps({"step": step, "eval": e.to_dict(), "points": len(labels),
-                         "model": guard.parameter_fields(config)}, sort_keys=True, default=str)
+                         "model": run_config.parameter_fields(config)}, sort_keys=True, default=str)
   progress = workdir / "eval_progress" / hashlib.sha256(identity.encode()).hexdigest()[:16]
   norm_title = protocols.NORM_TITLES[e.norm]
   if jax.process_index() == 0:

@@ -14,7 +14,7 @@ def get() -> ml_collections.ConfigDict:
   c.name = "default"
   c.seed = 0
   # A workdir whose latest checkpoint initialises a fresh training (one trained here, or
-  # PyTorch weights imported by `python -m jaxdefense.convert import`): fine-tuning.
+  # PyTorch weights imported by `python -m jaxdefense.interop.convert import`): fine-tuning.
   c.init_from = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
@@ -25,7 +25,7 @@ def get() -> ml_collections.ConfigDict:
   c.data.image_size = config_dict.placeholder(int)  # digits / synthetic only.
   # Extra labelled images mixed into every batch (generated data): files or globs, local or
   # gs://, each an .npz with `image` uint8 (N, H, W, C) and `label`, or a directory made by
-  # `python -m jaxdefense.extra prepare` (random access, never held whole in memory).
+  # `python -m jaxdefense.data.extra prepare` (random access, never held whole in memory).
   c.data.extra = ()
   c.data.extra_fraction = 0.0         # Every global batch holds round(f x batch) extra images.
   # How many steps an epoch is when extra data is mixed in: "real" = one pass over the real
@@ -124,7 +124,7 @@ def get() -> ml_collections.ConfigDict:
   c.eval.dtype = ""                   # Compute dtype of the evaluation ("" = model.dtype;
   #                                     bfloat16: perturbations and losses stay float32).
   # fsr | cas | cifs | autoattack | full: the attacks of each paper's protocol,
-  # RobustBench's, or all of them with the adaptive ones (jaxdefense.protocols.PROTOCOLS).
+  # RobustBench's, or all of them with the adaptive ones (jaxdefense.evaluation.protocols.PROTOCOLS).
   c.eval.protocol = "full"
   # Non-empty: these attacks instead of the protocol's, of fgsm, pgd20, pgd100, pgd20_rs, cw,
   # cas_fgsm, cas_pgd20, cas_cw, cifs_fgsm, cifs_pgd20, cifs_pgd100, cifs_cw,

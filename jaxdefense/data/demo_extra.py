@@ -1,6 +1,6 @@
 """A demonstration extra source: augmented copies of the digits training set as an .npz.
 
-    python -m jaxdefense.demo_extra --output=workdirs/digits_extra.npz
+    python -m jaxdefense.data.demo_extra --output=workdirs/digits_extra.npz
 
 It stands in for generated images (DeepMind's `cifar10_ddpm.npz`, DM-Improves-AT's
 `1m.npz`) where none can be downloaded, so that the pipeline that mixes extra data into
@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxdefense import data, paths
+from jaxdefense import data
+from jaxdefense.workdir import paths
 
 COPIES = 10
 SHIFT = 2
@@ -49,7 +50,7 @@ def augmented_copies(images: np.ndarray, *, copies: int, shift: int,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jaxdefense.demo_extra",
+  parser = argparse.ArgumentParser(prog="python -m jaxdefense.data.demo_extra",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--output", required=True, help="the .npz to write (local or gs://)")
   parser.add_argument("--copies", type=int, default=COPIES)

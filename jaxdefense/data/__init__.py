@@ -456,3 +456,10 @@ def _padded_batch(images: np.ndarray, labels: np.ndarray,
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
   """How many batches `eval_batches` yields."""
   return math.ceil(num_examples / batch_size)
+
+
+def from_config(config) -> Dataset:
+  """The data set of `config.data` (name, data_dir, num_train, num_test, image_size)."""
+  d = config.data
+  return load(d.name, data_dir=d.data_dir, num_train=d.num_train, num_test=d.num_test,
+                   image_size=d.image_size)

@@ -2,7 +2,7 @@
 event files. Only process 0 writes; the others get a writer that does nothing.
 
 The JSON-lines file is rewritten whole and atomically at each write (through
-`jaxdefense.paths`), which works on object stores such as `gs://`, where a file cannot be
+`jaxdefense.workdir.paths`), which works on object stores such as `gs://`, where a file cannot be
 appended to. TensorBoard events go through tensorboardX, which writes `gs://` with
 google-cloud-storage (`pip install -e ".[gcs]"`); `check_supported`, called where a run
 starts, fails for a remote workdir it cannot write, not at the first log step. A resumed run drops what a killed run logged after its checkpoint: JSON rows past
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxdefense import errors, paths
+from jaxdefense import errors
+from jaxdefense.workdir import paths
 
 
 def check_supported(workdir: epath.PathLike) -> None:

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from jaxdefense import attacks, paths
-from jaxdefense.protocols import EvalAttack
+from jaxdefense import attacks
+from jaxdefense.workdir import paths
+from jaxdefense.evaluation.protocols import EvalAttack
 
 # A curve levels off when its last step (the last doubling, or the last grid point) moves
 # the robust accuracy by at most 1 point of 100; it falls to zero when its largest eps

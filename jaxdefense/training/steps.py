@@ -1,6 +1,6 @@
 """The compiled steps of a training run: a pure `train_step` (augmentation, the objective's
 attack and loss, optionally at adversarially perturbed weights, SGD, EMA) and the
-in-training `eval_step` (natural and PGD counts). `jaxdefense.train` jits them in its loop;
+in-training `eval_step` (natural and PGD counts). `jaxdefense.training.train` jits them in its loop;
 the benchmarks time them.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxdefense import attacks, awp, build, data, objectives
+from jaxdefense import attacks, data, defenses
+from jaxdefense.training import awp, objectives, train_state
 from jaxdefense.attacks import losses
-from jaxdefense.build import TrainState
+from jaxdefense.training.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Recipe:
 
   - `label_smoothing` s on the examples `label_smoothing_on` ("all", or "extra": those the
     batch's `"extra"` mask marks), read by the objective's supervised CE;
-  - AWP of relative size `awp_gamma` from update `awp_start_step` on (`jaxdefense.awp`), its
+  - AWP of relative size `awp_gamma` from update `awp_start_step` on (`jaxdefense.training.awp`), its
     proxy step `awp_proxy_lr`;
   - the EMA's decay at each update, `ema_decay(step)`, and whether it averages BatchNorm's
     statistics too (`ema_batch_stats="average"`) or takes the model's ("live").
@@ -40,7 +41,7 @@ class Recipe:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
     o, t = config.objective, config.train
-    return cls(ema_decay=build.ema_decay(config), ema_batch_stats=t.ema_batch_stats,
+    return cls(ema_decay=train_state.ema_decay(config), ema_batch_stats=t.ema_batch_stats,
                label_smoothing=o.label_smoothing, label_smoothing_on=o.label_smoothing_on,
                awp_gamma=o.awp_gamma, awp_start_step=o.awp_warmup_epochs * steps_per_epoch)
 
@@ -107,3 +108,16 @@ def eval_step(variables: dict, batch: dict, key: jax.Array, *, model,
                       steps=pgd.steps, random_start=pgd.random_start, loss=loss)
   correct = lambda v: jnp.sum((jnp.argmax(deployed(v).logits, -1) == labels) & valid)
   return {"natural": correct(x), "pgd": correct(x_adv), "count": jnp.sum(valid)}
+
+
+def in_training_pgd_loss(config: ml_collections.ConfigDict) -> losses.LossFn:
+  """The in-training PGD's loss, which also ranks checkpoints for "best"
+  (`eval_pgd.loss`, resolved by `losses.attack_loss`)."""
+  return losses.attack_loss(config.eval_pgd.loss, defenses.from_config(config))
+
+
+def in_training_pgd_title(config: ml_collections.ConfigDict) -> str:
+  """e.g. "PGD-20", or "PGD-20 on the CAS loss" when it attacks the defense's own loss."""
+  on_defense = losses.attacks_defense_loss(config.eval_pgd.loss, config.defense.name)
+  return (f"PGD-{config.eval_pgd.steps}"
+          + (f" on the {config.defense.name.upper()} loss" if on_defense else ""))

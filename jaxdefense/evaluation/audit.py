@@ -23,14 +23,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import (attacks, build, curves, data, errors, evaluate, guard, indicators,
-                        parallel, paths, protocols, validation)
+from jaxdefense import attacks, data, defenses, errors, models, parallel
+from jaxdefense.config import validation
+from jaxdefense.evaluation import curves, evaluate, indicators, protocols
+from jaxdefense.training import train_state
+from jaxdefense.workdir import paths, run_config
 
 
 def _restored(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, dataset,
               mesh) -> tuple[Any, dict, int]:
-  model = build.build_model(config, dataset.num_classes, dtype=config.eval.dtype or None)
-  variables, step = build.restore_variables(config, workdir, which, model, dataset.image_shape,
+  model = models.from_config(config, dataset.num_classes, dtype=config.eval.dtype or None)
+  variables, step = train_state.restore_variables(config, workdir, which, model, dataset.image_shape,
                                             mesh)
   return model, variables, step
 
@@ -41,7 +44,7 @@ def surrogate_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   if not directory:
     return None
   flag = "--config.audit.surrogate_workdir"
-  other = guard.recorded_config(paths.resolve(directory), flag)
+  other = run_config.recorded_config(paths.resolve(directory), flag)
   ours = (config.data.name, data.NUM_CLASSES[config.data.name], config.data.image_size)
   theirs = (other.data.name, data.NUM_CLASSES.get(other.data.name), other.data.image_size)
   if theirs != ours:
@@ -56,7 +59,7 @@ def _indicator_fn(config, attack: protocols.EvalAttack, model, surrogate_model):
   """(variables, x, labels, key, count) -> (correct, finite, per-point values) of
   `indicators.batch`; `variables` = {"target": ..., "surrogate": ... or None}."""
   e = config.eval
-  defense = build.defense_config(config)
+  defense = defenses.from_config(config)
 
   def fn(v, x, labels, key, count):
     target = attacks.deployed(model, v["target"])
@@ -75,7 +78,7 @@ def _indicator_fn(config, attack: protocols.EvalAttack, model, surrogate_model):
 def _curve_fns(config, attack: protocols.EvalAttack, model):
   """The eps curve's point at eps and the restart curve, as attack-point functions."""
   e, a = config.eval, config.audit
-  loss_fn = attack.loss.fn(build.defense_config(config))
+  loss_fn = attack.loss.fn(defenses.from_config(config))
 
   def at_eps(eps, v, x, labels, key, count):
     correct = curves.eps_point(count(evaluate.attacked_model(attack, model, v)), attack,
@@ -205,8 +208,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   validation.validate(config, mesh)
   validation.check_audit(config)
   other = surrogate_config(config)
-  guard.check_trained(workdir, config)
-  dataset = build.load_data(config)
+  run_config.check_trained(workdir, config)
+  dataset = data.from_config(config)
   model, variables, step = _restored(config, workdir, which, dataset, mesh)
   surrogate = None
   if other is not None:
@@ -217,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
   n = e.num_examples or len(dataset.test_labels)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   identity = json.dumps({"step": step, "eval": e.to_dict(), "audit": config.audit.to_dict(),
-                         "points": len(labels), "model": guard.parameter_fields(config)},
+                         "points": len(labels), "model": run_config.parameter_fields(config)},
                         sort_keys=True, default=str)
   progress = workdir / "audit_progress" / hashlib.sha256(identity.encode()).hexdigest()[:16]
   if jax.process_index() == 0:

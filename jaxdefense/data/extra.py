@@ -13,7 +13,7 @@ every batch. This module reads such data without holding it in host memory:
   bytes at a known offset), from the prepared shards otherwise. Only a compressed .npz
   (`np.savez_compressed`) is read whole into memory, up to `max_npz_bytes`; beyond that it
   must be `prepare`d.
-- `prepare(source, output)` (`python -m jaxdefense.extra prepare --source=X.npz
+- `prepare(source, output)` (`python -m jaxdefense.data.extra prepare --source=X.npz
   --output=DIR`) streams an .npz's images, one chunk in memory at a time, into standard
   .npy shards `images-KKKKK-of-NNNNN.npy`, `labels.npy` and `meta.json`.
 - `batch_plan(seed=, step=, ...)` is a global batch's indices as a pure function of (seed,
@@ -51,17 +51,18 @@ from typing import IO, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from jaxdefense import data, errors, paths
+from jaxdefense import data, errors
+from jaxdefense.workdir import paths
 
 MAX_NPZ_BYTES = 2**32  # A compressed .npz's images above this must be `prepare`d (read whole).
 SHARD_IMAGES = 2**20
 META = "meta.json"
 LABELS = "labels.npy"
-FORMAT = "jaxdefense.extra/1"
+FORMAT = "jaxdefense.data.extra/1"
 DEFAULT_THREADS = 4
 _CHUNK_BYTES = 64 * 2**20  # `prepare` holds one chunk of images at a time.
 _GLOB_CHARACTERS = "*?["
-_PREPARE_COMMAND = "python -m jaxdefense.extra prepare --source={source} --output=DIR"
+_PREPARE_COMMAND = "python -m jaxdefense.data.extra prepare --source={source} --output=DIR"
 
 
 def _check_labels(where: str, labels: np.ndarray, num_images: int,
@@ -285,7 +286,7 @@ class _Prepared:
     meta_path = path / META
     if not meta_path.exists():
       raise errors.DataError(f"{path}: a directory without {META}: not made by `python -m "
-                             f"jaxdefense.extra prepare`, or its prepare did not finish (for "
+                             f"jaxdefense.data.extra prepare`, or its prepare did not finish (for "
                              f"a directory of .npz files, give DIR/*.npz)")
     try:
       meta = json.loads(meta_path.read_text())
@@ -411,7 +412,7 @@ def _open_file(path: epath.Path, image_shape: tuple[int, int, int], num_classes:
   if path.name.endswith(".npz"):
     return _Npz(path, image_shape, num_classes, max_npz_bytes)
   raise errors.DataError(f"{path}: neither an .npz file nor a directory made by `python -m "
-                         f"jaxdefense.extra prepare`")
+                         f"jaxdefense.data.extra prepare`")
 
 
 def open_sources(patterns: Sequence[str], *, image_shape: tuple[int, int, int],
@@ -679,9 +680,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m jaxdefense.extra prepare --source=X.npz --output=DIR [--shard_images=N]`."""
+  """`python -m jaxdefense.data.extra prepare --source=X.npz --output=DIR [--shard_images=N]`."""
   from jaxdefense import cli  # noqa: PLC0415 (absl and ml_collections: the command only)
-  parser = _ArgumentParser(prog="python -m jaxdefense.extra",
+  parser = _ArgumentParser(prog="python -m jaxdefense.data.extra",
                            description="Extra (generated) training data.")
   commands = parser.add_subparsers(dest="command", required=True)
   command = commands.add_parser(
@@ -696,6 +697,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     meta = json.loads((epath.Path(args.output) / META).read_text())
   print(f"prepared {meta['num_examples']} images of {args.source} in {args.output} "
         f"({len(meta['shards'])} shards)")
+
+
+
+def open_from_config(config) -> ExtraSource | None:
+  """The extra (generated) images of `data.extra`, checked against the real data's image
+  shape and classes without loading it (one `errors.DataError` line naming a faulty file);
+  None without extra data."""
+  d = config.data
+  if not d.extra:
+    return None
+  return open_sources(tuple(d.extra), image_shape=data.image_shape(d.name, d.image_size),
+                            num_classes=data.NUM_CLASSES[d.name])
+
+
+def steps_per_epoch(config, num_real: int) -> int:
+  """Steps per epoch: full batches of the real set (num_real // B) without extra data;
+  with it, by `data.epoch_steps`: "real", one pass over the real images at R real ones a
+  batch (num_real // R), or "batch", ceil(num_real / B) steps (DM-Improves-AT's count)."""
+  batch_size = config.train.batch_size
+  if not config.data.extra:
+    return data.steps_per_epoch(num_real, batch_size)
+  if config.data.epoch_steps == "real":
+    real, _ = check_batch(batch_size, config.data.extra_fraction)
+    return num_real // real
+  return -(-num_real // batch_size)
 
 
 if __name__ == "__main__":

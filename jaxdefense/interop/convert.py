@@ -1,10 +1,10 @@
 r"""Weights across frameworks: PyTorch state_dicts to jaxdefense workdirs and back.
 
-    python -m jaxdefense.convert import --layout=fsr_resnet18 --torch=model.pt \
+    python -m jaxdefense.interop.convert import --layout=fsr_resnet18 --torch=model.pt \
         --config=configs/fsr.py:resnet18,fsr --workdir=workdirs/fsr_authors
     python main.py --mode=eval --checkpoint=last --config=configs/fsr.py:resnet18,fsr \
         --workdir=workdirs/fsr_authors --config.eval.protocol=fsr
-    python -m jaxdefense.convert export --layout=resnet18 --config=... --workdir=DIR \
+    python -m jaxdefense.interop.convert export --layout=resnet18 --config=... --workdir=DIR \
         --torch=model.pt [--checkpoint=last]
 
 `import` checks every tensor of the file against the model the config builds (no missing,
@@ -16,7 +16,7 @@ it. `export` writes a checkpoint's weights as a state_dict that loads with
 `load_state_dict(strict=True)` into the layout's PyTorch module. BatchNorm running
 variances are copied as stored (PyTorch's running average uses the unbiased batch variance,
 Flax's the biased one: a factor n/(n-1), n = batch x height x width, in continued training).
-`--layout` lists the layouts (`jaxdefense/layouts.py`). Needs PyTorch (`.[torch]`).
+`--layout` lists the layouts (`jaxdefense/torch_layouts.py`). Needs PyTorch (`.[torch]`).
 """
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import (build, checkpoint, cli, data, errors, guard, layouts, parallel, paths,
-                        validation)
+from jaxdefense import checkpoint, cli, data, errors, models, parallel
+from jaxdefense.config import validation
+from jaxdefense.interop import torch_layouts
+from jaxdefense.training import optim, train_state
+from jaxdefense.workdir import lock, paths, run_config
 
 CONV_TO_TORCH = (3, 2, 0, 1)   # HWIO -> OIHW
 CONV_TO_FLAX = (2, 3, 1, 0)    # OIHW -> HWIO
@@ -60,11 +63,11 @@ def _modules(abstract: dict) -> dict[str, dict[str, dict[str, tuple]]]:
   return out
 
 
-def tensors(layout: layouts.Layout, abstract: dict) -> list[Tensor]:
+def tensors(layout: torch_layouts.Layout, abstract: dict) -> list[Tensor]:
   """Every PyTorch tensor the layout maps to a leaf of `abstract` (the model's variables)."""
   out = []
   for module, leaves in _modules(abstract).items():
-    prefix = layouts.torch_prefix(layout, module)
+    prefix = torch_layouts.torch_prefix(layout, module)
     if prefix is None:
       raise errors.WeightsMismatch(
           f"the config's model has a module {module!r} that the layout does not hold "
@@ -122,7 +125,7 @@ def _unwrap(obj: Any, source: str) -> dict[str, Any]:
                         "(a dict of tensor names to tensors)")
 
 
-def to_variables(state_dict: dict[str, Any], layout: layouts.Layout, abstract: dict,
+def to_variables(state_dict: dict[str, Any], layout: torch_layouts.Layout, abstract: dict,
                  num_classes: int) -> dict:
   """The jaxdefense variables ({"params", "batch_stats"}, numpy float32) held by a
   PyTorch state_dict of `layout`, shaped as `abstract`; WeightsMismatch naming every
@@ -156,7 +159,7 @@ def to_variables(state_dict: dict[str, Any], layout: layouts.Layout, abstract: d
   return variables
 
 
-def _shape_message(t: Tensor, got: tuple, num_classes: int, layout: layouts.Layout) -> str:
+def _shape_message(t: Tensor, got: tuple, num_classes: int, layout: torch_layouts.Layout) -> str:
   message = f"{t.key} has shape {tuple(got)}; the config's model needs {t.torch_shape}"
   if t.kind == "dense" and len(got) == 2 and got[1] == t.torch_shape[1]:
     message += (f": a class-count mismatch, the file has {got[0]} classes and the config's "
@@ -179,7 +182,7 @@ def _numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
-def to_state_dict(variables: dict, layout: layouts.Layout) -> dict[str, np.ndarray]:
+def to_state_dict(variables: dict, layout: torch_layouts.Layout) -> dict[str, np.ndarray]:
   """The PyTorch state_dict (numpy values; int64 BN counters) of jaxdefense `variables`."""
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.float32), variables)
   ts = tensors(layout, abstract)
@@ -198,7 +201,7 @@ def to_state_dict(variables: dict, layout: layouts.Layout) -> dict[str, np.ndarr
   return sd
 
 
-def _unused_tensors(sd: dict[str, np.ndarray], layout: layouts.Layout) -> Iterator:
+def _unused_tensors(sd: dict[str, np.ndarray], layout: torch_layouts.Layout) -> Iterator:
   """The never-read module (WRN's sub_block1), shaped as its twin: BN defaults, zero weights."""
   target = layout.unused.replace("\\", "")
   for key, value in list(sd.items()):
@@ -224,13 +227,13 @@ def _torch():
   return torch
 
 
-def get_layout(name: str) -> layouts.Layout:
-  if name not in layouts.LAYOUTS:
-    raise errors.WeightsMismatch(f"unknown layout {name!r}; allowed: {', '.join(layouts.LAYOUTS)}")
-  return layouts.LAYOUTS[name]
+def get_layout(name: str) -> torch_layouts.Layout:
+  if name not in torch_layouts.LAYOUTS:
+    raise errors.WeightsMismatch(f"unknown layout {name!r}; allowed: {', '.join(torch_layouts.LAYOUTS)}")
+  return torch_layouts.LAYOUTS[name]
 
 
-def check_config(config: ml_collections.ConfigDict, layout: layouts.Layout, name: str) -> None:
+def check_config(config: ml_collections.ConfigDict, layout: torch_layouts.Layout, name: str) -> None:
   """WeightsMismatch if the config's model cannot be the layout's."""
   problems = []
   if config.model.arch not in layout.archs:
@@ -251,16 +254,16 @@ def _data_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, int, 
   name = config.data.name
   if name in data.TFDS_NAMES:
     return data.NUM_CLASSES[name], (32, 32, 3)
-  dataset = build.load_data(config)
+  dataset = data.from_config(config)
   return dataset.num_classes, dataset.image_shape
 
 
 def _train_state(config: ml_collections.ConfigDict):
   num_classes, image_shape = _data_spec(config)
-  model = build.build_model(config, num_classes)
-  tx, _ = build.make_optimizer(config, steps_per_epoch=1)
-  state = build.create_train_state(model, tx, jax.random.key(config.seed), image_shape,
-                                   ema=build.uses_ema(config))
+  model = models.from_config(config, num_classes)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
+  state = train_state.create(model, tx, jax.random.key(config.seed), image_shape,
+                                   ema=train_state.uses_ema(config))
   return state, num_classes
 
 
@@ -287,10 +290,10 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
   variables = to_variables(_unwrap(obj, torch_path), layout, abstract, num_classes)
   directory = workdir / "checkpoints"
   paths.check_writable(workdir)
-  guard.check_config(workdir, config)
-  with guard.Lock(workdir):
+  run_config.check_config(workdir, config)
+  with lock.Lock(workdir):
     ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
-                                   best_metric=build.BEST_METRIC)
+                                   best_metric=train_state.BEST_METRIC)
     try:
       if ckpt.all_steps():
         raise errors.RunError(f"{directory} already holds checkpoints "
@@ -304,7 +307,7 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
       ckpt.wait()
     finally:
       ckpt.close()
-    guard.record_config(workdir, config)
+    run_config.record_config(workdir, config)
   return directory
 
 
@@ -317,10 +320,10 @@ def export_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
   layout = get_layout(layout_name)
   check_config(config, layout, layout_name)
   workdir = paths.resolve(workdir)
-  guard.check_trained(workdir, config)
+  run_config.check_trained(workdir, config)
   num_classes, image_shape = _data_spec(config)
-  model = build.build_model(config, num_classes)
-  variables, step = build.restore_variables(config, workdir, which, model, image_shape, mesh)
+  model = models.from_config(config, num_classes)
+  variables, step = train_state.restore_variables(config, workdir, which, model, image_shape, mesh)
   sd = to_state_dict(jax.device_get(variables), layout)
   buffer = io.BytesIO()
   torch.save(collections.OrderedDict((k, torch.tensor(v)) for k, v in sd.items()), buffer)
@@ -332,7 +335,7 @@ def main(argv: list[str]) -> None:
   from absl import flags  # noqa: PLC0415
   flag_values = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("import", "export"):
-    print(f"error: usage: python -m jaxdefense.convert import|export --layout=... "
+    print(f"error: usage: python -m jaxdefense.interop.convert import|export --layout=... "
           f"(got {' '.join(argv[1:]) or 'no command'}); --help lists the flags",
           file=sys.stderr, flush=True)
     sys.exit(errors.ConfigError.exit_code)
@@ -353,8 +356,8 @@ def main(argv: list[str]) -> None:
 def define_flags() -> None:
   from absl import flags  # noqa: PLC0415
   from ml_collections import config_flags  # noqa: PLC0415
-  listing = "; ".join(f"{k}: {v.description}" for k, v in layouts.LAYOUTS.items())
-  flags.DEFINE_enum("layout", None, list(layouts.LAYOUTS), f"PyTorch layout. {listing}")
+  listing = "; ".join(f"{k}: {v.description}" for k, v in torch_layouts.LAYOUTS.items())
+  flags.DEFINE_enum("layout", None, list(torch_layouts.LAYOUTS), f"PyTorch layout. {listing}")
   flags.DEFINE_string("torch", None, "The PyTorch state_dict file (read by import, written "
                                      "by export).")
   flags.DEFINE_string("workdir", None, "The jaxdefense workdir (written by import, read by "

@@ -14,8 +14,10 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxdefense import (build, data, errors, extra, indicators, models, objectives, parallel,
-                        protocols)
+from jaxdefense import data, defenses, errors, models, parallel
+from jaxdefense.data import extra
+from jaxdefense.evaluation import indicators, protocols
+from jaxdefense.training import objectives
 from jaxdefense.attacks import auto_attack, common, losses
 
 DTYPES = ("float32", "bfloat16")
@@ -117,9 +119,9 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   m = config.model
   _choice("model.arch", m.arch, models.ARCHITECTURES)
   _choice("model.dtype", m.dtype, DTYPES)
-  _as_config_error(build.defense_config, config)
+  _as_config_error(defenses.from_config, config)
   try:
-    model = build.build_model(config, data.NUM_CLASSES[config.data.name])
+    model = models.from_config(config, data.NUM_CLASSES[config.data.name])
   except TypeError as e:
     fields = sorted(f for f in models.ARCHITECTURES[m.arch].__dataclass_fields__
                     if f not in ("parent", "name", "num_classes", "defense", "dtype"))
@@ -141,7 +143,7 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
   _number("objective.beta", o.beta, 0)
   _integer("objective.attack.steps", o.attack.steps, 0)
   _choice("objective.attack.loss", o.attack.loss, losses.ATTACK_LOSSES)
-  _as_config_error(build.attack_config, config)
+  _as_config_error(objectives.attack_config, config)
   _number("objective.label_smoothing", o.label_smoothing, 0, below=1)
   _choice("objective.label_smoothing_on", o.label_smoothing_on, objectives.LABEL_SMOOTHING_ON)
   if o.label_smoothing and o.label_smoothing_on == "extra" and not config.data.extra:

@@ -36,7 +36,7 @@ class Objective:
   Both parts take the step's `rng` and draw disjoint subkeys from it, so
   `objective(params, batch_stats, batch, rng)` = `loss(params, batch_stats, batch,
   attack(params, batch_stats, batch, rng), rng)`, differentiable in `params` through the
-  loss only; AWP (`jaxdefense.awp`) evaluates `loss` at other weights on the same x'.
+  loss only; AWP (`jaxdefense.training.awp`) evaluates `loss` at other weights on the same x'.
   """
   attack: Callable[..., jax.Array | None]
   loss: Callable[..., LossOutput]
@@ -317,3 +317,9 @@ def mart(params, batch_stats, batch, x_adv, rng, *, model, defense, beta):
     bce, robust = bce + defense.beta * cas_bce, robust + defense.beta * cas_kl
     metrics.update(cas_bce=cas_bce, cas_kl=cas_kl)
   return _combine(defense, nat, adv, labels, bce, robust, beta, metrics, stats)
+
+
+def attack_config(config) -> AttackConfig:
+  """The training attack of a run's `config.objective.attack`."""
+  a = config.objective.attack
+  return AttackConfig(eps=a.eps, step_size=a.step_size, steps=a.steps, loss=a.loss)

@@ -2,7 +2,7 @@
 (docs/evaluation.md has the table with each attack's source script).
 
 An `EvalAttack` says what an attack is (method, budget, loss, where it applies); its fields
-are what `eval.json` and `eval.md` report of it, and `jaxdefense.evaluate` runs it from
+are what `eval.json` and `eval.md` report of it, and `jaxdefense.evaluation.evaluate` runs it from
 them. `suite(config.eval)` lists every attack the evaluation knows; `PROTOCOLS` picks each
 paper's from it.
 """

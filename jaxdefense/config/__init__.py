@@ -1,0 +1,1 @@
+"""The config: every field's default (defaults) and its validation."""

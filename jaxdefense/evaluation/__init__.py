@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: protocols, attacks over the points, audit, analysis."""

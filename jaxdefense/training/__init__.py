@@ -1,0 +1,1 @@
+"""Adversarial training: objectives, AWP, train state, optimizer, the pure steps, the loop."""
