@@ -1,12 +1,15 @@
 """Where metrics go: `workdir/metrics.jsonl` (one JSON object per log step) and TensorBoard
 event files. Only process 0 writes; the others get a writer that does nothing.
 
-The JSON-lines file is rewritten whole and atomically at each write (through
-`jaxdefense.workdir.paths`), which works on object stores such as `gs://`, where a file cannot be
-appended to. TensorBoard events go through tensorboardX, which writes `gs://` with
+On a local filesystem each row is appended to the JSON-lines file and flushed, so logging
+costs the same at any step of a run. An object store such as `gs://` cannot append to an
+object: there the file is rewritten whole, atomically (`jaxdefense.workdir.paths`), at
+each row. TensorBoard events go through tensorboardX, which writes `gs://` with
 google-cloud-storage (`pip install -e ".[gcs]"`); `check_supported`, called where a run
-starts, fails for a remote workdir it cannot write, not at the first log step. A resumed run drops what a killed run logged after its checkpoint: JSON rows past
-`resume_step`, and TensorBoard events through tensorboardX's purge step.
+starts, fails for a remote workdir it cannot write, not at the first log step. A resumed
+run drops what a killed run logged after its checkpoint: JSON rows past `resume_step`
+(and a last row cut short by the kill), rewritten once at the start, and TensorBoard
+events through tensorboardX's purge step.
 """
 from __future__ import annotations
 
@@ -39,20 +42,37 @@ def check_supported(workdir: epath.PathLike) -> None:
                           f"no usable writer for {scheme}://{need}")
 
 
+def _rows_through(text: str, resume_step: int) -> list[str]:
+  """The rows of a metrics.jsonl up to `resume_step`; a last row cut short is dropped."""
+  rows = []
+  for line in text.splitlines():
+    try:
+      step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      continue  # A row a kill cut short (appends are not atomic).
+    if step <= resume_step:
+      rows.append(line)
+  return rows
+
+
 class MetricWriter:
   def __init__(self, workdir: epath.PathLike, *, enabled: bool | None = None,
                resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._path = epath.Path(workdir) / "metrics.jsonl"
-    self._rows: list[str] = []
+    self._append = not paths.is_remote(workdir)
+    self._rows: list[str] = []  # The whole file, kept only where it is rewritten at each row.
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Imported here: only process 0 writes events.
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       if self._path.exists():
-        self._rows = self._path.read_text().splitlines()
+        text = self._path.read_text()
+        rows = text.splitlines() if resume_step is None else _rows_through(text, resume_step)
         if resume_step is not None:
-          self._rows = [r for r in self._rows if json.loads(r)["step"] <= resume_step]
+          paths.write_text(self._path, "".join(r + "\n" for r in rows))
+        if not self._append:
+          self._rows = rows
       self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
                                purge_step=None if resume_step is None else resume_step + 1)
 
@@ -61,8 +81,13 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    self._rows.append(json.dumps({"step": int(step), **context, **scalars}))
-    paths.write_text(self._path, "\n".join(self._rows) + "\n")
+    row = json.dumps({"step": int(step), **context, **scalars})
+    if self._append:
+      with self._path.open("a") as f:
+        f.write(row + "\n")
+    else:
+      self._rows.append(row)
+      paths.write_text(self._path, "".join(r + "\n" for r in self._rows))
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
