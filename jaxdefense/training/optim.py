@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   """optim.lr, or optim.lr x batch_size / lr_reference_batch when that is set (DeepMind's
   0.1 x B / 256)."""
@@ -42,14 +43,20 @@ def _onecycle(start: float, peak: float, end: float, steps_per_epoch: int, rise_
   return schedule
 
 
+SCHEDULES = ("piecewise", "cosine", "constant", "onecycle")  # config.optim.schedule
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
   """A linear warm-up from 0 over `optim.warmup_epochs`, then piecewise-constant
   (x decay_factor after each milestone epoch, counted from step 0), cosine decay to 0 at
-  the last step (over the steps after the warm-up) or constant. `onecycle` is PyTorch's
-  OneCycleLR stepped per epoch (DM-Improves-AT's `cosinew`): a cosine from lr / 25 to lr
-  over the first `warmup_epochs` epochs, then a cosine to lr / 25 / 1e4 at the last."""
+  the last step (over the steps after the warm-up: optax's warmup_cosine_decay_schedule) or
+  constant. `onecycle` is PyTorch's OneCycleLR stepped per epoch (DM-Improves-AT's
+  `cosinew`): a cosine from lr / 25 to lr over the first `warmup_epochs` epochs, then a
+  cosine to lr / 25 / 1e4 at the last."""
   o = config.optim
+  if o.schedule not in SCHEDULES:
+    raise ValueError(f"unknown optim.schedule {o.schedule!r}; allowed: {', '.join(SCHEDULES)}")
   lr = peak_learning_rate(config)
   total = config.train.epochs * steps_per_epoch
   if o.schedule == "onecycle":
@@ -57,20 +64,17 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
     return _onecycle(start, lr, start / ONECYCLE_FINAL_DIV, steps_per_epoch,
                      int(o.warmup_epochs), config.train.epochs)
   warmup = int(round(o.warmup_epochs * steps_per_epoch))
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
   if o.schedule == "piecewise":
-    boundaries = {int(m * steps_per_epoch): o.decay_factor for m in o.milestones}
-    main = optax.piecewise_constant_schedule(lr, boundaries)
-  elif o.schedule == "cosine":
-    cosine = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
-    main = lambda step: cosine(step - warmup)
-  elif o.schedule == "constant":
-    main = optax.constant_schedule(lr)
+    # Milestones count from step 0; after the warm-up, optax counts from its end.
+    main = optax.piecewise_constant_schedule(
+        lr, {int(m * steps_per_epoch) - warmup: o.decay_factor for m in o.milestones})
   else:
-    raise ValueError(f"unknown optim.schedule {o.schedule!r}; allowed: piecewise, cosine, "
-                     "constant, onecycle")
+    main = optax.constant_schedule(lr)
   if not warmup:
     return main
-  return lambda step: jnp.where(step < warmup, lr * step / warmup, main(step))
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
 def momentum_schedule(config: ml_collections.ConfigDict,
