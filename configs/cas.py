@@ -21,18 +21,16 @@ It reproduces the CAS paper's white-box table (CIFAR-10, each defense with and w
 CAS: `--config.defense.name=none` for the rows without), evaluated with
 `--config.eval.protocol=cas` on the best checkpoint (docs/method.md section 5).
 """
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 ARCHS = ("resnet18", "wrn34_10", "vgg16")
 OBJECTIVES = ("pgd_at", "trades", "mart")
 
 
-def get_config(spec: str = "resnet18,pgd_at"):
-  arch, _, objective = (spec or "resnet18,pgd_at").partition(",")
-  objective = objective or "pgd_at"
-  if arch not in ARCHS or objective not in OBJECTIVES:
-    raise ValueError(f"configs/cas.py takes ARCH,OBJECTIVE with ARCH in {', '.join(ARCHS)} "
-                     f"and OBJECTIVE in {', '.join(OBJECTIVES)}; got {spec!r}")
+def get_config(argument: str = "resnet18,pgd_at"):
+  arch, objective = spec.parse(argument or "resnet18,pgd_at", "configs/cas.py",
+                               spec.Field("ARCH", ARCHS),
+                               spec.Field("OBJECTIVE", OBJECTIVES, "pgd_at"))
   c = defaults.get()
   c.name = f"cas_{arch}_{objective}"
   c.data.name = "cifar10"

@@ -22,17 +22,15 @@ the attacks through the mask's input dependence). It reproduces the CIFS paper's
 ResNet-18 CIFAR-10 row; the authors' repository log ends at 82.21% clean / 51.37% PGD-20
 (joint) at epoch 119.
 """
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 ARCHS = ("resnet18", "wrn34_10", "wrn28_10", "vgg16")
 
 
-def get_config(spec: str = "resnet18"):
-  arch, _, dataset = (spec or "resnet18").partition(",")
-  dataset = dataset or "cifar10"
-  if arch not in ARCHS or dataset not in defaults.DATASETS:
-    raise ValueError(f"configs/cifs.py takes ARCH[,DATASET] with ARCH in {', '.join(ARCHS)} "
-                     f"and DATASET in {', '.join(defaults.DATASETS)}; got {spec!r}")
+def get_config(argument: str = "resnet18"):
+  arch, dataset = spec.parse(argument or "resnet18", "configs/cifs.py",
+                             spec.Field("ARCH", ARCHS),
+                             spec.Field("DATASET", defaults.DATASETS, "cifar10"))
   c = defaults.paper_recipe(arch, "cifs", dataset)
   c.name = f"cifs_{arch}_{dataset}"
   c.defense.beta = 2.0

@@ -13,17 +13,15 @@ paper's AT and AT + FSR rows (and, trained alike, its CAS rows): compare `main.p
 --mode=eval`'s FGSM, PGD-20/100 and C&W columns with its tables (docs/method.md section 5).
 `configs/wrn_fsr.py` is this config for WRN-34-10 + FSR.
 """
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 ARCHS = ("resnet18", "wrn34_10", "vgg16")
 DEFENSES = ("none", "cas", "fsr")
 
 
-def get_config(spec: str = "resnet18,fsr,cifar10"):
-  parts = (spec or "resnet18,fsr,cifar10").split(",")
-  arch, defense, dataset = (parts + ["fsr", "cifar10"][len(parts) - 1:])[:3]
-  if arch not in ARCHS or defense not in DEFENSES or len(parts) > 3:
-    raise ValueError(f"configs/fsr.py takes ARCH,DEFENSE,DATASET with ARCH in "
-                     f"{', '.join(ARCHS)}, DEFENSE in {', '.join(DEFENSES)}, DATASET in "
-                     f"{', '.join(defaults.DATASETS)}; got {spec!r}")
+def get_config(argument: str = "resnet18,fsr,cifar10"):
+  arch, defense, dataset = spec.parse(argument or "resnet18,fsr,cifar10", "configs/fsr.py",
+                                      spec.Field("ARCH", ARCHS),
+                                      spec.Field("DEFENSE", DEFENSES, "fsr"),
+                                      spec.Field("DATASET", defaults.DATASETS, "cifar10"))
   return defaults.paper_recipe(arch, defense, dataset)

@@ -34,7 +34,7 @@ the authors' code (their training attacks, the real images repeated in DeepMind'
 checkpoint selection): docs/fidelity.md, "Generated-data recipes"."""
 import ml_collections
 
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 RECIPES = ("wang2023", "gowal2021")
 ARCHS = {"wrn28_10": (28, 10), "wrn70_16": (70, 16)}
@@ -44,13 +44,10 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
 CIFAR_TRAIN = 50_000
 
 
-def get_config(spec: str = "wang2023,wrn28_10"):
-  words = (spec or "wang2023,wrn28_10").split(",")
-  recipe, arch, dataset = (words + ["cifar10"])[:3] if len(words) in (2, 3) else ("",) * 3
-  if recipe not in RECIPES or arch not in ARCHS or dataset not in MEAN_STD:
-    raise ValueError(f"configs/generated.py takes RECIPE,ARCH[,DATASET] with RECIPE in "
-                     f"{', '.join(RECIPES)}, ARCH in {', '.join(ARCHS)} and DATASET in "
-                     f"{', '.join(MEAN_STD)}; got {spec!r}")
+def get_config(argument: str = "wang2023,wrn28_10"):
+  recipe, arch, dataset = spec.parse(argument or "wang2023,wrn28_10", "configs/generated.py",
+                                     spec.Field("RECIPE", RECIPES), spec.Field("ARCH", ARCHS),
+                                     spec.Field("DATASET", MEAN_STD, "cifar10"))
   c = defaults.get()
   c.name = f"{recipe}_{arch}_{dataset}"
   c.data.name = dataset

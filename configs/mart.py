@@ -9,15 +9,13 @@ beta 5. Both: eps 0.031, step 0.007, 10 steps from x + 0.001 N(0, 1), lr x0.1 fr
 1-based epochs 75, 90 and 100 (those reached). The MART paper reports WRN-34-10 natural
 84.17%, PGD-20 58.56% (as cited from the paper, not re-checked here).
 """
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 ARCHS = ("wrn34_10", "resnet18")
 
 
-def get_config(arch: str = "wrn34_10"):
-  arch = arch or "wrn34_10"
-  if arch not in ARCHS:
-    raise ValueError(f"configs/mart.py takes an ARCH in {', '.join(ARCHS)}; got {arch!r}")
+def get_config(argument: str = "wrn34_10"):
+  arch, = spec.parse(argument or "wrn34_10", "configs/mart.py", spec.Field("ARCH", ARCHS))
   c = defaults.get()
   c.name = f"mart_{arch}"
   c.data.name = "cifar10"

@@ -6,10 +6,9 @@ A small ResNet (3 stages of one basic block, widths 32-64-128) on scikit-learn's
 real 8x8 digits (upsampled to 16x16, fixed 1437/360 split), eps 32/255, 15 epochs.
 `configs/quickstart.py:cas`, `:fsr` or `:cifs` trains the defended models (CIFS on the
 last two blocks: layer2.0 with the nonlinear probe, layer3.0 with the linear one; at this
-budget CIFS underfits, ending near natural 75%, PGD-20 on its loss 59-65%: its mask shrinks
-the features by about 1/C and 15 epochs from scratch do not let the head compensate). It
-takes minutes on a CPU and ends at natural 99.2%, PGD-20 90.3% (CAS 99.2% / 90.6%, PGD-20
-on its own loss; FSR 99.2% / 89.4%); the README's results table has the full evaluation.
+budget CIFS underfits: its mask shrinks the features by about 1/C and 15 epochs from
+scratch do not let the head compensate). It takes minutes on a CPU; the README's results
+table has what each ends at, with the full evaluation.
 
 With extra data (`:extra`, or `:cas,extra` ...): the generated-data recipe's parts, with a
 demonstration extra source (augmented copies of the training digits, not generated data):
@@ -25,25 +24,24 @@ weight EMA (decay 0.99, the dynamic warm-up over the first 2.5% of the steps, Ba
 statistics the model's), which is what is evaluated. It shows the pipeline running in a few
 minutes on a CPU; its numbers say nothing about generated data.
 """
-from jaxdefense.config import defaults
+from jaxdefense import defenses
+from jaxdefense.config import defaults, spec
 
 EXTRA = "workdirs/digits_extra.npz"  # Written by `python -m jaxdefense.data.demo_extra`.
 
 
-def get_config(spec: str = "none"):
-  words = (spec or "none").split(",")
-  with_extra = "extra" in words
-  defense = [w for w in words if w != "extra"] or ["none"]
-  if len(defense) != 1:
-    raise ValueError(f"configs/quickstart.py takes DEFENSE, DEFENSE,extra or extra; got {spec!r}")
-  defense = defense[0]
+def get_config(argument: str = "none"):
+  argument = "none,extra" if argument == "extra" else argument or "none"
+  defense, with_extra = spec.parse(argument, "configs/quickstart.py",
+                                   spec.Field("DEFENSE", defenses.NAMES),
+                                   spec.Field("extra", ("extra",), ""))
   c = defaults.get()
   c.name = "quickstart"
   c.data.name = "digits"
   c.model.arch = "resnet"
   c.model.kwargs.stage_sizes = (1, 1, 1)
   c.model.kwargs.width = 32
-  c.defense.name = defense or "none"
+  c.defense.name = defense
   c.objective.attack.eps = 32 / 255
   c.objective.attack.step_size = 8 / 255
   c.objective.attack.steps = 10

@@ -20,7 +20,7 @@ drop the two keys and set `--config.model.kwargs.input_mean/input_std` to their 
 """
 import ml_collections
 
-from jaxdefense.config import defaults
+from jaxdefense.config import defaults, spec
 
 WRN = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20), "wrn70_16": (70, 16)}
 DM_WRN = {"dm_wrn28_10": (28, 10), "dm_wrn34_20": (34, 20), "dm_wrn70_16": (70, 16)}
@@ -31,12 +31,10 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
 DM = {"activation": "swish", "conv_padding": "asymmetric"}
 
 
-def get_config(spec: str = "wrn28_10"):
-  arch, _, dataset = (spec or "wrn28_10").partition(",")
-  dataset = dataset or "cifar10"
-  if arch not in ARCHS or dataset not in MEAN_STD:
-    raise ValueError(f"configs/robustbench.py takes ARCH[,DATASET] with ARCH in "
-                     f"{', '.join(ARCHS)} and DATASET in {', '.join(MEAN_STD)}; got {spec!r}")
+def get_config(argument: str = "wrn28_10"):
+  arch, dataset = spec.parse(argument or "wrn28_10", "configs/robustbench.py",
+                             spec.Field("ARCH", ARCHS),
+                             spec.Field("DATASET", MEAN_STD, "cifar10"))
   c = defaults.get()
   c.name = f"robustbench_{arch}_{dataset}"
   c.data.name = dataset
