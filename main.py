@@ -11,6 +11,7 @@ of the inputs or the workdir (I/O failures included), reported in one line
 """
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,7 +26,7 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "audit", "analyze"],
                   "evaluation fooled? docs/audit.md), or analyze.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last", "latest"],
                   "Which checkpoint --mode=eval/audit/analyze loads: the best by the in-training "
-                  "PGD (config.eval_pgd; for CAS on its own loss), or the last (= latest).")
+                  "PGD (config.eval_pgd; for CAS and CIFS on their own loss), or the last (= latest).")
 flags.DEFINE_string("coordinator", None,
                     "host:port of process 0 for multi-host runs (else single process, or "
                     "JAXDEFENSE_DISTRIBUTED=1 on clusters JAX detects by itself).")
@@ -46,6 +47,9 @@ def main(argv):
   cli.quiet_logging()
   xla_flags.set_cpu_defaults()  # Before JAX's first computation, which reads XLA_FLAGS.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  unused = parallel.unused_accelerator(jax.default_backend())
+  if unused and jax.process_index() == 0:
+    print(unused, file=sys.stderr, flush=True)
   with cli.faults_as_one_line():
     if FLAGS.mode == "train":
       from jaxdefense.training import train

@@ -6,6 +6,7 @@ statistics, losses and metrics are computed over the global batch by XLA's colle
 """
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -15,6 +16,23 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
+# Device files that say an accelerator is attached (TPU VMs: /dev/accel* on v2-v4,
+# /dev/vfio/N on v5e and later; NVIDIA: /dev/nvidiaN), and the install that lets JAX use it.
+ACCELERATORS = (("TPU", ("accel[0-9]*", "vfio/[0-9]*"), 'pip install -e ".[tpu]"'),
+                ("NVIDIA GPU", ("nvidia[0-9]*",), 'pip install -e ".[cuda]"'))
+
+
+def unused_accelerator(backend: str, dev: str = "/dev") -> str | None:
+  """A warning when the machine has an accelerator that JAX's `backend` does not use (a
+  CPU-only jaxlib on a TPU VM or a GPU host would train on the host CPU), else None."""
+  if backend != "cpu":
+    return None
+  for name, patterns, install in ACCELERATORS:
+    found = sorted(p for pattern in patterns for p in glob.glob(os.path.join(dev, pattern)))
+    if found:
+      return (f"warning: this machine has a {name} ({found[0]}) but JAX runs on the CPU: "
+              f"install JAX for it with `{install}` (README, \"On Cloud TPU\")")
+  return None
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -149,3 +149,25 @@ def test_indivisible_batch_message_names_values(tmp_path):
   output, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert "train.batch_size=6 must be a positive multiple of the device count 4" in output
+
+
+@pytest.mark.parametrize("files,words", [
+    ((), None), (("vfio/vfio",), None), (("accel0",), "TPU (DEV/accel0)"),
+    (("vfio/vfio", "vfio/0"), "TPU (DEV/vfio/0)"),
+    (("nvidia0", "nvidiactl"), "NVIDIA GPU (DEV/nvidia0)")])
+def test_an_accelerator_jax_does_not_use_is_one_warning_line(tmp_path, files, words):
+  """A TPU's or an NVIDIA GPU's device files on a machine where JAX's backend is the CPU:
+  one warning line naming the device and the install command; none on an accelerator
+  backend, and none for the files every Linux machine may have (/dev/vfio/vfio)."""
+  for name in files:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).touch()
+  warning = parallel.unused_accelerator("cpu", dev=str(tmp_path))
+  if words is None:
+    assert warning is None
+  else:
+    words = words.replace("DEV", str(tmp_path))
+    install = ".[tpu]" if "TPU" in words else ".[cuda]"
+    assert warning.startswith("warning: ") and "\n" not in warning
+    assert words in warning and f'pip install -e "{install}"' in warning
+  assert parallel.unused_accelerator("gpu", dev=str(tmp_path)) is None
