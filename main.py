@@ -26,7 +26,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "audit", "analyze"],
                   "evaluation fooled? docs/audit.md), or analyze.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last", "latest"],
                   "Which checkpoint --mode=eval/audit/analyze loads: the best by the in-training "
-                  "PGD (config.eval_pgd; for CAS and CIFS on their own loss), or the last (= latest).")
+                  "PGD (config.eval_pgd; for CAS and CIFS on their own loss), or the last "
+                  "(= latest).")
 flags.DEFINE_string("coordinator", None,
                     "host:port of process 0 for multi-host runs (else single process, or "
                     "JAXDEFENSE_DISTRIBUTED=1 on clusters JAX detects by itself).")
@@ -40,10 +41,7 @@ def _which(checkpoint: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])} (--helpfull lists the flags)",
-          file=sys.stderr, flush=True)
-    sys.exit(errors.ConfigError.exit_code)
+  cli.refuse_arguments(argv, "python main.py --config=CONFIG --workdir=DIR [--mode=...]")
   cli.quiet_logging()
   xla_flags.set_cpu_defaults()  # Before JAX's first computation, which reads XLA_FLAGS.
   parallel.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

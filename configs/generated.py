@@ -6,7 +6,7 @@ github google-deepmind/deepmind-research `adversarial_robustness/jax/experiment.
         --config.data.extra="('/data/edm/1m.npz',)" --workdir=workdirs/wang_wrn28_10
     python main.py --config=configs/generated.py:gowal2021,wrn28_10 \
         --config.data.extra="('/data/cifar10_ddpm.npz',)" --workdir=workdirs/gowal_wrn28_10
-    python -m jaxdefense.data.extra prepare --source=/data/edm/20m.npz --output=/data/edm/20m
+    python -m jaxdefense.data.prepare --source=/data/edm/20m.npz --output=/data/edm/20m
 
 The argument is `RECIPE,ARCH[,DATASET]`: RECIPE wang2023 | gowal2021, ARCH wrn28_10 |
 wrn70_16 (Swish WideResNets with the data set's mean / std inside the model and TF-style
@@ -30,24 +30,23 @@ dynamic warm-up, BatchNorm statistics the model's).
   87.33% clean / 60.75% AutoAttack (Rebuffi et al. 2021, the same code).
 DeepMind's code keeps its final EMA (no best checkpoint): evaluate it with
 `--mode=eval --checkpoint=last --config.eval.protocol=autoattack`. Where these differ from
-the authors' code (their training attacks, the real images repeated in DeepMind's batches, DeepMind's zero-initialised logits, the
-checkpoint selection): docs/fidelity.md, "Generated-data recipes"."""
+the authors' code (their training attacks, the real images repeated in DeepMind's batches,
+DeepMind's zero-initialised logits, the checkpoint selection): docs/fidelity.md,
+"Generated-data recipes"."""
 import ml_collections
 
+from jaxdefense import data
 from jaxdefense.config import defaults, spec
 
 RECIPES = ("wang2023", "gowal2021")
 ARCHS = {"wrn28_10": (28, 10), "wrn70_16": (70, 16)}
-# The data sets' per-channel mean and std, inside the model (RobustBench's DMWideResNet).
-MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 CIFAR_TRAIN = 50_000
 
 
 def get_config(argument: str = "wang2023,wrn28_10"):
   recipe, arch, dataset = spec.parse(argument or "wang2023,wrn28_10", "configs/generated.py",
                                      spec.Field("RECIPE", RECIPES), spec.Field("ARCH", ARCHS),
-                                     spec.Field("DATASET", MEAN_STD, "cifar10"))
+                                     spec.Field("DATASET", data.MEAN_STD, "cifar10"))
   c = defaults.get()
   c.name = f"{recipe}_{arch}_{dataset}"
   c.data.name = dataset
@@ -56,7 +55,7 @@ def get_config(argument: str = "wang2023,wrn28_10"):
   c.data.extra_fraction = 0.7
   c.data.epoch_steps = "batch"
   depth, width = ARCHS[arch]
-  mean, std = MEAN_STD[dataset]
+  mean, std = data.MEAN_STD[dataset]
   c.model.arch = "wide_resnet"
   c.model.kwargs = ml_collections.ConfigDict({
       "depth": depth, "width": width, "activation": "swish", "conv_padding": "asymmetric",

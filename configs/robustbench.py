@@ -20,25 +20,23 @@ drop the two keys and set `--config.model.kwargs.input_mean/input_std` to their 
 """
 import ml_collections
 
+from jaxdefense import data
 from jaxdefense.config import defaults, spec
 
 WRN = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20), "wrn70_16": (70, 16)}
 DM_WRN = {"dm_wrn28_10": (28, 10), "dm_wrn34_20": (34, 20), "dm_wrn70_16": (70, 16)}
 ARCHS = (*WRN, *DM_WRN, "preact_resnet18", "dm_preact_resnet18")
-# RobustBench's model_zoo/architectures/dm_wide_resnet.py constants.
-MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 DM = {"activation": "swish", "conv_padding": "asymmetric"}
 
 
 def get_config(argument: str = "wrn28_10"):
   arch, dataset = spec.parse(argument or "wrn28_10", "configs/robustbench.py",
                              spec.Field("ARCH", ARCHS),
-                             spec.Field("DATASET", MEAN_STD, "cifar10"))
+                             spec.Field("DATASET", data.MEAN_STD, "cifar10"))
   c = defaults.get()
   c.name = f"robustbench_{arch}_{dataset}"
   c.data.name = dataset
-  mean, std = MEAN_STD[dataset]
+  mean, std = data.MEAN_STD[dataset]
   if arch in WRN or arch in DM_WRN:
     depth, width = {**WRN, **DM_WRN}[arch]
     c.model.arch = "wide_resnet"

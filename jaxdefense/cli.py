@@ -1,5 +1,6 @@
-"""The command lines' error reporting (main.py, `python -m jaxdefense.interop.convert`): a bad
-flag, config file or config value, and any fault of the run's inputs or workdir, is one
+"""The command lines' error reporting (main.py, `python -m jaxdefense.interop.convert`,
+`python -m jaxdefense.data.prepare`, `python -m jaxdefense.data.demo_extra`): a bad flag,
+config file or config value, and any fault of the run's inputs or workdir, is one
 `error:` line on stderr with its exit code (jaxdefense/errors.py); a bug keeps its
 traceback (exit 1).
 """
@@ -14,6 +15,14 @@ import ml_collections
 from absl import flags, logging
 
 from jaxdefense import errors
+
+
+def refuse_arguments(argv: list[str], usage: str) -> None:
+  """One `error:` line (exit 2) when a command that takes only flags got other arguments."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}; usage: {usage} (--helpfull "
+          "lists the flags)", file=sys.stderr, flush=True)
+    sys.exit(errors.ConfigError.exit_code)
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -39,8 +48,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   field, a value of the wrong type) reported as one line, exit 2."""
   try:
     remaining = flags.FLAGS(argv)
-    config = flags.FLAGS["config"]
-    if config.present and not isinstance(config.value, ml_collections.ConfigDict):
+    config = flags.FLAGS["config"] if "config" in flags.FLAGS else None  # None: no --config.
+    if (config is not None and config.present
+        and not isinstance(config.value, ml_collections.ConfigDict)):
       raise flags.Error(f"{_config_argument(argv)}: no such config file, or it does not load")
     return remaining
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

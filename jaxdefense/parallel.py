@@ -71,7 +71,8 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "train.batch_size"
   n = mesh.devices.size
   if batch_size <= 0 or batch_size % n:
     raise ValueError(f"{what}={batch_size} must be a positive multiple of the device count "
-                     f"{n} (the batch is split evenly over devices); try {max(n, batch_size // n * n)}")
+                     f"{n} (the batch is split evenly over devices); try "
+                     f"{max(n, batch_size // n * n)}")
 
 
 def shard_batch(mesh: Mesh, local: Any) -> Any:

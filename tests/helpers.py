@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdefense.data import extra
+from jaxdefense.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick-start config shrunk to seconds on a 2-core CPU, for main.py (TINY, as flags) and
@@ -50,7 +50,9 @@ def tiny_config(defense: str = "none", objective: str = "pgd_at") -> ml_collecti
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Training steps per epoch of a config whose data.num_train is set."""
-  return extra.steps_per_epoch(config, config.data.num_train)
+  return batching.steps_per_epoch(config.data.num_train, config.train.batch_size,
+                                  extra_fraction=config.data.extra_fraction,
+                                  epoch_steps=config.data.epoch_steps)
 
 
 EXTRA_MARKER = 255  # Every pixel of the extra images `with_generated_recipe` writes.

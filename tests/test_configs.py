@@ -6,13 +6,15 @@ YisenWang/MART @2d83e17). Milestones are completed epochs: a script's `epoch >= 
 import glob
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxdefense import defenses, models
-from jaxdefense.data import extra
+from jaxdefense.config import spec
+from jaxdefense.data import batching
 from jaxdefense.training import optim, train_state
 from tests.helpers import ROOT, load_config as load
 
@@ -158,8 +160,10 @@ def test_generated_recipes_step_counts_and_rates_are_the_codes():
   first 979 updates (decay 0) and 0.995-capped after; DeepMind: peak rate 0.4, 49 x 400 =
   19,600 steps (its code: int(400 x 50000 / 1024) = 19,531, docs/fidelity.md)."""
   wang, gowal = load("generated", "wang2023,wrn28_10"), load("generated", "gowal2021,wrn28_10")
-  assert extra.steps_per_epoch(wang, 50_000) == 98
-  assert extra.steps_per_epoch(gowal, 50_000) == 49
+  counts = [batching.steps_per_epoch(50_000, c.train.batch_size,
+                                     extra_fraction=c.data.extra_fraction,
+                                     epoch_steps=c.data.epoch_steps) for c in (wang, gowal)]
+  assert counts == [98, 49]
   assert optim.peak_learning_rate(gowal) == pytest.approx(0.4)
   decay = train_state.ema_decay(wang)
   assert [float(decay(jnp.asarray(k))) for k in (0, 978)] == [0.0, 0.0]
@@ -209,10 +213,33 @@ def test_cas_vgg16_places_cas_on_stage5_with_the_cas_codes_classifier():
   assert model.classifier_batchnorm and model.init_scheme == "torch"
 
 
-@pytest.mark.parametrize("bad", ["resnet50,pgd_at", "resnet18,awp"])
-def test_bad_recipe_arguments_name_what_is_allowed(bad):
-  with pytest.raises(ValueError, match="takes ARCH,OBJECTIVE.*got"):
-    load("cas", bad)
+@pytest.mark.parametrize("name,bad,usage", [
+    ("cas", "resnet50,pgd_at", "ARCH[,OBJECTIVE]"), ("cas", "resnet18,awp", "ARCH[,OBJECTIVE]"),
+    ("cifs", "resnet18,mnist", "ARCH[,DATASET]"), ("fsr", "resnet18,fsr,cifar10,x",
+                                                   "ARCH[,DEFENSE[,DATASET]]"),
+    ("generated", "wang2023", "RECIPE,ARCH[,DATASET]"), ("mart", "vgg16", "ARCH"),
+    ("robustbench", "wrn28_10,svhn", "ARCH[,DATASET]"),
+    ("quickstart", "fsr,cas", "DEFENSE[,extra]")])
+def test_bad_recipe_arguments_name_what_is_allowed(name, bad, usage):
+  """A bad `:ARGUMENT` of any config file: one line with the usage and the allowed words."""
+  with pytest.raises(ValueError, match=rf"configs/{name}.py takes {re.escape(usage)} with .* in "
+                                       rf".*; got '{bad}'"):
+    load(name, bad)
+
+
+def test_config_arguments_take_each_missing_trailing_word_from_its_default():
+  fields = (spec.Field("A", ("a", "b")), spec.Field("B", ("c", "d"), "d"),
+            spec.Field("C", ("e", "f"), "f"))
+  assert spec.parse("b", "x.py", *fields) == ("b", "d", "f")
+  assert spec.parse("a,c", "x.py", *fields) == ("a", "c", "f")
+  assert spec.parse("a,c,e", "x.py", *fields) == ("a", "c", "e")
+  assert spec.usage(fields) == "A[,B[,C]]"
+  for bad in ("", "c", "a,c,e,f", "a,e"):
+    with pytest.raises(ValueError, match=r"^x.py takes A\[,B\[,C\]\] with A in a, b, B in c, d "
+                                         rf"and C in e, f; got '{bad}'$"):
+      spec.parse(bad, "x.py", *fields)
+  assert (load("quickstart", "extra").defense.name, load("quickstart", "extra").data.extra) == (
+      "none", load("quickstart", "none,extra").data.extra)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

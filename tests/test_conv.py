@@ -1,4 +1,5 @@
-"""jaxdefense.convolution: same values and gradients as lax's convolution, canonical inside loops."""
+"""jaxdefense.convolution: same values and gradients as lax's convolution, canonical inside
+loops."""
 import re
 
 import flax.linen as nn

@@ -133,7 +133,8 @@ def test_bad_state_dicts_name_the_key(edit, expected):
   _, sd = _torch_state_dict("resnet18")
   edit(sd)
   with pytest.raises(errors.WeightsMismatch, match=expected):
-    convert.to_variables(sd, torch_layouts.LAYOUTS["resnet18"], _abstract(_jax_model("resnet18")), 10)
+    convert.to_variables(sd, torch_layouts.LAYOUTS["resnet18"],
+                         _abstract(_jax_model("resnet18")), 10)
 
 
 def test_cas_heads_hard_coded_to_ten_classes_are_named():
@@ -175,8 +176,8 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
              tmp_path / "model.pt")
   config = os.path.join(ROOT, "configs", "quickstart.py")
   common = [f"--config={config}", *TINY, "--workdir=runs/imported"]
-  run = _run("jaxdefense.interop.convert", "import", "--layout=resnet18", "--torch=model.pt", *common,
-             cwd=tmp_path)
+  run = _run("jaxdefense.interop.convert", "import", "--layout=resnet18", "--torch=model.pt",
+             *common, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "imported model.pt (resnet18) as step 0" in run.stdout
 
@@ -190,8 +191,8 @@ def test_import_evaluate_export_and_fine_tune_through_a_workdir(tmp_path):
     expected = (module(x)[0].argmax(1).numpy() == dataset.test_labels).mean()
   assert report["results"]["natural"]["accuracy"] == pytest.approx(expected, abs=1e-9)
 
-  run = _run("jaxdefense.interop.convert", "export", "--layout=resnet18", "--torch=back.pt", *common,
-             cwd=tmp_path)
+  run = _run("jaxdefense.interop.convert", "export", "--layout=resnet18", "--torch=back.pt",
+             *common, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   back = torch.load(tmp_path / "back.pt", weights_only=True)
   assert set(back) == set(sd)

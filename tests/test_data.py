@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxdefense import data
+from jaxdefense.data import batching, datasets
 
 TFDS_CASES = [("cifar10", "cifar10", 10), ("cifar100", "cifar100", 100),
               ("svhn", "svhn_cropped", 10)]
@@ -76,7 +77,7 @@ def test_tfds_prepared_array_record(tmp_path, monkeypatch):
                     "label": int(labels[i])}
 
   FakeCifar10(data_dir=tmp_path, file_format="array_record").download_and_prepare()
-  monkeypatch.setattr(data, "_READ_CHUNK", 16)
+  monkeypatch.setattr(datasets, "_READ_CHUNK", 16)
   ds = data.load("cifar10", data_dir=tmp_path)
   for split in originals:
     images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
@@ -244,45 +245,95 @@ def _indexed(n: int) -> data.Dataset:
   return data.Dataset("indexed", n, (2, 2, 1), images, labels, images[:3], labels[:3])
 
 
-def test_train_batches_deterministic_once_per_epoch_and_resumable():
+def _labels(ds: data.Dataset, batch_size: int, *, seed: int, start_step: int, num_steps: int,
+            **kwargs) -> list[np.ndarray]:
+  """The labels of `batching.batches` without extra data (the indices, for `_indexed`)."""
+  return [b["labels"] for b in batching.batches(ds, None, seed=seed, start_step=start_step,
+                                                num_steps=num_steps, batch_size=batch_size,
+                                                **kwargs)]
+
+
+def _real_only_order(num: int, batch_size: int, *, seed: int, steps: range,
+                     process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+  """The real-only batches' indices as the former `data.train_batches` drew them, in NumPy:
+  step t is batch t mod S (S = num div B, the remainder dropped) of epoch t div S, whose
+  order is RandomState(PCG64([seed, epoch])).permutation(num); process p of P takes the
+  p-th of P contiguous slices of it."""
+  per_epoch, local = num // batch_size, batch_size // process_count
+  indices = []
+  for step in steps:
+    epoch, within = divmod(step, per_epoch)
+    order = np.random.RandomState(np.random.PCG64([seed, epoch])).permutation(num)
+    batch = order[within * batch_size:(within + 1) * batch_size]
+    indices.append(batch[process_index * local:(process_index + 1) * local])
+  return indices
+
+
+@pytest.mark.parametrize("num,batch_size,seed,process_count", [
+    (103, 10, 5, 1), (50, 12, 1, 4), (1437, 64, 0, 1), (1437, 64, 3, 2)])
+def test_the_plan_without_extra_data_is_the_former_real_only_order(num, batch_size, seed,
+                                                                  process_count):
+  """Without extra data the plan's batches are, index for index, the epochs' seeded
+  permutations cut into full batches (the order the quick start's numbers and existing
+  workdirs were trained in), for each process; the batches carry no extra image."""
+  ds = _indexed(num)
+  steps = range(3 * (num // batch_size) + 2)
+  for p in range(process_count):
+    expected = _real_only_order(num, batch_size, seed=seed, steps=steps, process_index=p,
+                                process_count=process_count)
+    got = list(batching.batches(ds, None, seed=seed, start_step=0, num_steps=len(steps),
+                                batch_size=batch_size, process_index=p,
+                                process_count=process_count, buffer_batches=2))
+    assert len(got) == len(expected)
+    for batch, indices in zip(got, expected):
+      np.testing.assert_array_equal(batch["labels"], indices)
+      assert batch["labels"].dtype == np.int32 and not batch["is_extra"].any()
+    resumed = _labels(ds, batch_size, seed=seed, start_step=7, num_steps=4, process_index=p,
+                      process_count=process_count)
+    for labels, indices in zip(resumed, expected[7:11], strict=True):
+      np.testing.assert_array_equal(labels, indices)
+
+
+def test_real_only_batches_are_deterministic_once_per_epoch_and_resumable():
   ds = _indexed(103)
-  batches = [labels for _, labels in data.train_batches(ds, 10, seed=5, epoch=2)]
-  assert len(batches) == data.steps_per_epoch(103, 10) == 10
+  assert data.steps_per_epoch(103, 10) == 10
+  assert data.steps_per_epoch(103, 10, epoch_steps="batch") == 10  # Counts extra data only.
+  batches = _labels(ds, 10, seed=5, start_step=20, num_steps=10)  # Epoch 2.
   assert all(b.shape == (10,) and b.dtype == np.int32 for b in batches)
   seen = np.concatenate(batches)
   assert len(np.unique(seen)) == 100
-  again = [labels for _, labels in data.train_batches(ds, 10, seed=5, epoch=2)]
+  again = _labels(ds, 10, seed=5, start_step=20, num_steps=10)
   np.testing.assert_array_equal(np.concatenate(again), seen)
-  for other in ({"seed": 5, "epoch": 3}, {"seed": 6, "epoch": 2}):
-    other_seen = np.concatenate([l for _, l in data.train_batches(ds, 10, **other)])
+  for seed, start in ((5, 30), (6, 20)):
+    other_seen = np.concatenate(_labels(ds, 10, seed=seed, start_step=start, num_steps=10))
     assert not np.array_equal(other_seen, seen)
-  resumed = [labels for _, labels in data.train_batches(ds, 10, seed=5, epoch=2, start_step=7)]
+  resumed = _labels(ds, 10, seed=5, start_step=27, num_steps=3)
   assert len(resumed) == 3
   for a, b in zip(resumed, batches[7:]):
     np.testing.assert_array_equal(a, b)
-  assert list(data.train_batches(ds, 10, seed=5, epoch=2, start_step=10)) == []
-  images, _ = next(data.train_batches(data.load("synthetic", num_train=8, num_test=1), 4,
-                                      seed=0, epoch=0))
-  assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+  assert _labels(ds, 10, seed=5, start_step=30, num_steps=0) == []
+  batch = next(batching.batches(data.load("synthetic", num_train=8, num_test=1), None, seed=0,
+                                start_step=0, num_steps=1, batch_size=4))
+  assert batch["images"].shape == (4, 32, 32, 3) and batch["images"].dtype == np.uint8
 
 
-def test_train_batches_process_shards():
+def test_real_only_batches_process_shards():
   ds = _indexed(50)
-  global_batches = [l for _, l in data.train_batches(ds, 12, seed=1, epoch=0)]
-  shards = [[l for _, l in data.train_batches(ds, 12, seed=1, epoch=0, process_index=p,
-                                              process_count=4)] for p in range(4)]
+  global_batches = _labels(ds, 12, seed=1, start_step=0, num_steps=4)
+  shards = [_labels(ds, 12, seed=1, start_step=0, num_steps=4, process_index=p,
+                    process_count=4) for p in range(4)]
   for step, full in enumerate(global_batches):
     parts = [shards[p][step] for p in range(4)]
     assert all(part.shape == (3,) for part in parts)
     np.testing.assert_array_equal(np.concatenate(parts), full)
-  with pytest.raises(ValueError, match="multiple of process_count=5; got 12"):
-    data.train_batches(ds, 12, seed=1, epoch=0, process_index=0, process_count=5)
+  with pytest.raises(ValueError, match="batch_size=12 must be a multiple of process_count=5"):
+    _labels(ds, 12, seed=1, start_step=0, num_steps=4, process_index=0, process_count=5)
   with pytest.raises(ValueError, match="process_index must lie in"):
-    data.train_batches(ds, 12, seed=1, epoch=0, process_index=4, process_count=4)
-  with pytest.raises(ValueError, match=r"start_step must lie in \[0, 4\] .*; got 5"):
-    data.train_batches(ds, 12, seed=1, epoch=0, start_step=5)
-  with pytest.raises(ValueError, match="batch_size 64 exceeds the 50 training points"):
-    data.train_batches(ds, 64, seed=1, epoch=0)
+    _labels(ds, 12, seed=1, start_step=0, num_steps=4, process_index=4, process_count=4)
+  with pytest.raises(ValueError, match="num_steps and start_step must be >= 0; got 4, -1"):
+    _labels(ds, 12, seed=1, start_step=-1, num_steps=4)
+  with pytest.raises(ValueError, match="64 real images per batch exceed the 50 real"):
+    _labels(ds, 64, seed=1, start_step=0, num_steps=1)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])

@@ -4,7 +4,7 @@
 
 It stands in for generated images (DeepMind's `cifar10_ddpm.npz`, DM-Improves-AT's
 `1m.npz`) where none can be downloaded, so that the pipeline that mixes extra data into
-every batch runs end to end in minutes (`configs/quickstart_extra.py`). It is a
+every batch runs end to end in minutes (`configs/quickstart.py:extra`). It is a
 demonstration of the pipeline, not a result: the copies add no information a generative
 model would, and no number trained on them says anything about generated data.
 
@@ -16,12 +16,11 @@ uncompressed (`np.savez`), in the released sets' format: `image` uint8 (N, H, W,
 """
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
 
 import numpy as np
 
-from jaxdefense import data
+from jaxdefense import cli
+from jaxdefense.data import datasets
 from jaxdefense.workdir import paths
 
 COPIES = 10
@@ -49,29 +48,37 @@ def augmented_copies(images: np.ndarray, *, copies: int, shift: int,
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jaxdefense.data.demo_extra",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--output", required=True, help="the .npz to write (local or gs://)")
-  parser.add_argument("--copies", type=int, default=COPIES)
-  parser.add_argument("--shift", type=int, default=SHIFT)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.copies < 1 or args.shift < 0:
-    parser.error(f"--copies must be >= 1 and --shift >= 0; got {args.copies}, {args.shift}")
-  if not args.output.endswith(".npz"):
-    parser.error(f"--output must end in .npz; got {args.output}")
-  digits = data.load("digits")
-  images = augmented_copies(digits.train_images, copies=args.copies, shift=args.shift,
-                            seed=args.seed)
-  labels = np.tile(digits.train_labels, args.copies)
-  output = paths.resolve(args.output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with output.open("wb") as file:
-    np.savez(file, image=images, label=labels)
+def main(argv: list[str]) -> None:
+  from absl import flags  # noqa: PLC0415
+  flag_values = flags.FLAGS
+  cli.refuse_arguments(argv, "python -m jaxdefense.data.demo_extra --output=X.npz")
+  with cli.faults_as_one_line():
+    digits = datasets.load("digits")
+    images = augmented_copies(digits.train_images, copies=flag_values.copies,
+                              shift=flag_values.shift, seed=flag_values.seed)
+    labels = np.tile(digits.train_labels, flag_values.copies)
+    output = paths.resolve(flag_values.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as file:
+      np.savez(file, image=images, label=labels)
   print(f"wrote {len(labels)} augmented digits {images.shape[1:]} to {output} (a "
         f"demonstration source, not generated data)")
 
 
+def define_flags() -> None:
+  from absl import flags  # noqa: PLC0415
+  flags.DEFINE_string("output", None, "The .npz to write (local or gs://).")
+  flags.DEFINE_integer("copies", COPIES, "Augmented copies of the training digits.",
+                       lower_bound=1)
+  flags.DEFINE_integer("shift", SHIFT, "The largest shift, in pixels, in each direction.",
+                       lower_bound=0)
+  flags.DEFINE_integer("seed", 0, "The seed of the shifts and contrast factors.")
+  flags.mark_flags_as_required(["output"])
+  flags.register_validator("output", lambda output: output is None or output.endswith(".npz"),
+                           "--output must end in .npz")
+
+
 if __name__ == "__main__":
-  main()
+  from absl import app  # noqa: PLC0415
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -48,7 +48,8 @@ class ConvNet(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     channels = x.shape[-1]
     for width in (self.hidden, self.hidden):
-      x = convolution.Conv(width, (3, 3), use_bias=False, kernel_init=self.inits.conv, dtype=self.dtype)(x)
+      x = convolution.Conv(width, (3, 3), use_bias=False, kernel_init=self.inits.conv,
+                           dtype=self.dtype)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype)(x)
       x = nn.relu(x)

@@ -229,11 +229,13 @@ def _torch():
 
 def get_layout(name: str) -> torch_layouts.Layout:
   if name not in torch_layouts.LAYOUTS:
-    raise errors.WeightsMismatch(f"unknown layout {name!r}; allowed: {', '.join(torch_layouts.LAYOUTS)}")
+    raise errors.WeightsMismatch(f"unknown layout {name!r}; allowed: "
+                                 f"{', '.join(torch_layouts.LAYOUTS)}")
   return torch_layouts.LAYOUTS[name]
 
 
-def check_config(config: ml_collections.ConfigDict, layout: torch_layouts.Layout, name: str) -> None:
+def check_config(config: ml_collections.ConfigDict, layout: torch_layouts.Layout,
+                 name: str) -> None:
   """WeightsMismatch if the config's model cannot be the layout's."""
   problems = []
   if config.model.arch not in layout.archs:
@@ -291,7 +293,7 @@ def import_torch(config: ml_collections.ConfigDict, workdir: epath.PathLike, lay
   directory = workdir / "checkpoints"
   paths.check_writable(workdir)
   run_config.check_config(workdir, config)
-  with lock.Lock(workdir):
+  with lock.Lease(workdir, config.train.lease_timeout_s):
     ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
                                    best_metric=train_state.BEST_METRIC)
     try:
