@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdefense import attacks
-from jaxdefense.evaluation import autoattack_checks, curves, indicators
+from jaxdefense.evaluation import autoattack_checks, curves, indicators, plotting
 from jaxdefense.attacks import losses
 from jaxdefense.models.common import ModelOutput
 
@@ -194,3 +194,27 @@ def test_curve_verdicts():
   assert not summary["restarts"]["passed"] and "more restarts" in summary["restarts"]["verdict"]
   plateau = curves.summarise([0.1, 1.0], [0.5, 0.3], [1], [0.5], [1], [0.5])
   assert not plateau["eps"]["passed"] and "30.00%" in plateau["eps"]["verdict"]
+
+
+def test_curves_figure_ticks_the_counts_run_and_draws_autoattack(tmp_path):
+  """audit_curves.png's figure, inspected before it is written: the iterations and restarts
+  axes are ticked at the counts run, as plain numbers (no minor ticks), each with
+  AutoAttack's robust accuracy as a labelled horizontal line; the eps panel has none; the
+  figure is on its own Agg canvas and is written as a PNG."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  iterations, restarts = [1, 2, 5, 10, 20, 50, 100], [1, 2, 4, 8]
+  summary = curves.summarise([0.01, 0.03, 0.1], [0.8, 0.4, 0.01], iterations,
+                             [0.6, 0.5, 0.46, 0.45, 0.45, 0.45, 0.45], restarts,
+                             [0.45, 0.44, 0.44, 0.44])
+  figure = plotting.audit_curves(summary, "title", autoattack=0.375)
+  assert isinstance(figure.canvas, FigureCanvasAgg)
+  eps_axes, *count_axes = figure.axes
+  for axes, counts in zip(count_axes, (iterations, restarts)):
+    assert list(axes.get_xticks()) == counts and list(axes.get_xticks(minor=True)) == []
+    assert [t.get_text() for t in axes.get_xticklabels()] == [str(n) for n in counts]
+    (line,) = [line for line in axes.get_lines() if line.get_label() == "AutoAttack 37.50%"]
+    assert list(line.get_ydata()) == [37.5, 37.5]
+    assert "AutoAttack 37.50%" in [t.get_text() for t in axes.get_legend().get_texts()]
+  assert not [line for line in eps_axes.get_lines() if "AutoAttack" in line.get_label()]
+  path = plotting.write_png(figure, tmp_path / "curves.png")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

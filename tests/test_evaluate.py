@@ -6,13 +6,16 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 
-from jaxdefense import data, models, parallel
-from jaxdefense.evaluation import analysis, audit, evaluate, indicators, protocols
-from jaxdefense.training import train, train_state
+from jaxdefense import attacks, data, defenses
+from jaxdefense.config import validation
+from jaxdefense.evaluation import analysis, audit, curves, evaluate, indicators, protocols, setup
+from jaxdefense.training import train
 from tests.helpers import ROOT, TINY, run_main, tiny_config
 
 FAST_AA = {"apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10, "n_target": 2},
@@ -299,19 +302,28 @@ def test_l2_and_l1_evaluation(trained_fsr, norm, eps, title):
   assert options["apgd_ce"]["restarts"] == (5 if norm == "l1" else 1)
 
 
-def test_audit_of_a_checkpoint_reports_everything_and_resumes(trained_fsr, tmp_path):
+def test_audit_of_a_checkpoint_reports_everything_and_resumes(trained_fsr, tmp_path,
+                                                             monkeypatch):
   """--mode=audit on the trained checkpoint, the workdir itself as the surrogate: every
   indicator, check and curve reported; no transfer failure from a model onto itself; the
   iterations curve ends at the audit attack's own accuracy and AutoAttack's robust
-  accuracy after Square is its reported accuracy; audit.md/json and the plot written; run
-  again on its records, it recomputes nothing and reports the same."""
+  accuracy after Square is its reported accuracy; audit.md/json and the plot written; the
+  config's checks run once each; run again on its records, it recomputes nothing and
+  reports the same."""
   config, workdir, _ = trained_fsr
   c = copy.deepcopy(config)
   c.eval.num_examples = 48
   c.audit.attack, c.audit.iterations, c.audit.restarts = "pgd20", (1, 5, 20), (1, 2)
   c.audit.eps_factors, c.audit.curve_steps = (0.5, 1.0, 8.0), 3
   c.audit.surrogate_workdir = workdir
+  calls = {"check_eval": 0, "check_audit": 0}
+  for name in calls:
+    def counted(*args, name=name, check=getattr(validation, name)):
+      calls[name] += 1
+      return check(*args)
+    monkeypatch.setattr(validation, name, counted)
   report = audit.run(c, workdir, which="latest")
+  assert calls == {"check_eval": 1, "check_audit": 1}  # Each check once.
   for name in ("audit.json", "audit.md", "audit_curves.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert set(report["indicators"]) == set(indicators.NAMES)
@@ -332,40 +344,99 @@ def test_audit_of_a_checkpoint_reports_everything_and_resumes(trained_fsr, tmp_p
   text = open(os.path.join(workdir, "audit.md")).read()
   assert "Transfer failure" in text and "## Cost" in text
   record = evaluate.Record(epath.Path(tmp_path))
-  images, labels = _test_points(c)
-  model, variables = _restored(c, workdir)
-  first = audit.audit(c, model, variables, images, labels, parallel.make_mesh(),
-                      record=record, progress=False)
-  again = audit.audit(c, model, variables, images, labels, parallel.make_mesh(),
-                      record=record, progress=False)
+  s = setup.load(c, workdir, "latest")
+  first = audit.audit(c, s.model, s.variables, s.images, s.labels, s.mesh, record=record,
+                      progress=False)
+  again = audit.audit(c, s.model, s.variables, s.images, s.labels, s.mesh, record=record,
+                      progress=False)
   assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
 
 
-def _test_points(config):
-  dataset = data.from_config(config)
-  n = config.eval.num_examples
-  return dataset.test_images[:n], dataset.test_labels[:n]
+def test_the_eps_curve_compiles_one_program_for_its_grid(trained_fsr):
+  """The audit's eps curve passes eps and the step to one compiled program: traced once for
+  the whole grid, each eps's per-point verdicts equal to PGD compiled with that eps a
+  constant (under L-inf the iterates are bit-identical), its passes counted per eps."""
+  config, workdir, _ = trained_fsr
+  c = copy.deepcopy(config)
+  c.eval.num_examples, c.audit.curve_steps = 48, 3
+  s = setup.load(c, workdir, "latest")
+  attack = protocols.suite(c.eval)[c.audit.attack]
+  at_eps, _ = audit._curve_fns(c, attack, s.model)
+  traces = []
+
+  def traced(*args, **kwargs):
+    traces.append(1)
+    return at_eps(*args, **kwargs)
+  program = evaluate.program(traced)
+  loss_fn = attack.loss.fn(defenses.from_config(c))
+  accuracies = []
+  for eps in (0.25 * c.eval.eps, c.eval.eps, 4 * c.eval.eps):
+    args = {"variables": s.variables, "eps": np.float32(eps),
+            "step_size": np.float32(attack.step_size * eps)}
+    correct, totals, _ = evaluate.attack_points(
+        "eps", program, args, s.images, s.labels, s.mesh, batch_size=48, seed=c.eval.seed,
+        record=evaluate.Record(None), progress=False)
+    constant = jax.jit(lambda x, y, k, eps=eps: curves.eps_point(
+        attacks.deployed(s.model, s.variables), attack, loss_fn, x, y, k, eps=eps,
+        step_size=attack.step_size * eps, steps=3, norm="linf"))
+    key = jax.random.fold_in(jax.random.key(c.eval.seed), 0)
+    np.testing.assert_array_equal(correct, constant(data.to_float(s.images), s.labels, key))
+    assert (totals["forward_passes"], totals["backward_passes"]) == (48 * 4, 48 * 3)
+    accuracies.append(correct.mean())
+  assert len(traces) == 1
+  assert accuracies[0] > accuracies[-1]  # The grid's points differ: eps reached the program.
 
 
-def _restored(config, workdir):
-  dataset = data.from_config(config)
-  model = models.from_config(config, dataset.num_classes)
-  variables, _ = train_state.restore_variables(config, epath.Path(workdir), "latest", model,
-                                         dataset.image_shape, parallel.make_mesh())
-  return model, variables
+def test_the_set_up_honours_eval_dtype_in_every_mode(trained_fsr):
+  """setup.load, which --mode=eval, audit and analyze share: the model (and the audit's
+  surrogate) computes in eval.dtype, else in the model's dtype."""
+  config, workdir, _ = trained_fsr
+  c = copy.deepcopy(config)
+  c.audit.surrogate_workdir = workdir
+  default = setup.load(c, workdir, "latest", surrogate=True)
+  assert default.dtype == c.model.dtype == "float32"
+  c.eval.dtype = "bfloat16"
+  s = setup.load(c, workdir, "latest", surrogate=True)
+  assert s.dtype == "bfloat16" and s.step == default.step
+  for model in (s.model, s.surrogate[0]):
+    assert np.dtype(model.dtype) == np.dtype(jnp.bfloat16)
+  assert len(s.labels) == 96 and s.images.dtype == np.uint8
 
 
 NORM_EPS = {"linf": 0.125, "l2": 1.0, "l1": 4.0}
 
 
-def test_every_norm_through_main_py_autoattack_and_audit(tmp_path):
+@pytest.fixture(scope="module")
+def trained_by_main(tmp_path_factory):
+  """A workdir trained by `python main.py` (TINY, one epoch), to copy."""
+  trained = tmp_path_factory.mktemp("main") / "trained"
+  run = run_main(trained, *TINY, "--config.train.epochs=1", timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return trained
+
+
+def test_eval_prints_no_orbax_read_only_warnings(trained_by_main, tmp_path):
+  """`python main.py --mode=eval` restores read-only without orbax's lines about the
+  read-only options (save interval, directory creation, the directory being read only),
+  which a user can do nothing about."""
+  shutil.copytree(trained_by_main, tmp_path / "run")
+  run = run_main(tmp_path / "run", *TINY, "--mode=eval", "--checkpoint=last",
+                 "--config.eval.num_examples=8", "--config.eval.batch_size=8",
+                 "--config.eval.attacks=('fgsm',)", timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "| FGSM |" in run.stdout
+  noise = [line for line in (run.stdout + run.stderr).splitlines()
+           if "checkpoint_manager.py" in line or "read_only=True" in line
+           or "read only=" in line]
+  assert not noise, noise
+
+
+def test_every_norm_through_main_py_autoattack_and_audit(trained_by_main, tmp_path):
   """`python main.py --mode=eval --config.eval.protocol=autoattack` and `--mode=audit` under
   each norm, through main.py's own flags and main function (one process for all six):
   each exits 0 without a traceback and writes its eval.json / audit.json at that norm and
   eps, AutoAttack's robust accuracy at most the natural one."""
-  trained = tmp_path / "trained"
-  run = run_main(trained, *TINY, "--config.train.epochs=1", timeout=300)
-  assert run.returncode == 0, run.stderr[-3000:]
+  trained = trained_by_main
   small = ["--checkpoint=last", "--config.eval.num_examples=8", "--config.eval.batch_size=8",
            *[f"--config.eval.autoattack_options.{a}.steps=3"
              for a in ("apgd_ce", "apgd_t", "fab_t")],
@@ -379,6 +450,8 @@ def test_every_norm_through_main_py_autoattack_and_audit(tmp_path):
     shutil.copytree(trained, workdir)
     common = [f"--config={os.path.join(ROOT, 'configs/quickstart.py')}", f"--workdir={workdir}",
               *TINY, *small, f"--config.eval.norm={norm}", f"--config.eval.eps={eps}"]
+    # The audit runs AutoAttack and audit.attack whatever eval.protocol says: the default
+    # protocol's L-inf-only attacks do not stop an L2 or L1 audit.
     cases += [[*common, "--mode=eval", "--config.eval.protocol=autoattack"],
               [*common, "--mode=audit"]]
   cases_path, results_path = tmp_path / "cases.json", tmp_path / "results.json"

@@ -11,6 +11,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxdefense.attacks import losses
 from jaxdefense.attacks.auto_attack import AutoAttackResult, autoattack
@@ -26,6 +27,17 @@ def deployed(model: Any, variables: Any) -> ModelFn:
   """The model as deployed: eval mode (BN running statistics, CAS mask from its own
   prediction, FSR's fixed U = 0.5 Gumbel mask)."""
   return lambda x: model.apply(variables, x, train=False)
+
+
+def correct_points(model: Any, variables: Any, x_adv: jax.Array,
+                   labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per point, whether the deployed model classifies x' correctly, and whether x' and its
+  logits are finite. A point where the attack went non-finite (NaN gradients make NaN
+  steps) is never counted correct: argmax of NaN logits would pick a class anyway."""
+  logits = deployed(model, variables)(x_adv).logits
+  finite = (jnp.all(jnp.isfinite(logits), axis=-1)
+            & jnp.all(jnp.isfinite(x_adv), axis=tuple(range(1, x_adv.ndim))))
+  return (jnp.argmax(logits, -1) == labels) & finite, finite
 
 
 class PassCounter:

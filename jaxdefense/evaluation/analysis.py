@@ -24,10 +24,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import attacks, data, defenses, models, parallel
-from jaxdefense.config import validation
-from jaxdefense.training import train_state
-from jaxdefense.workdir import paths, run_config
+from jaxdefense import attacks, data, defenses, parallel
+from jaxdefense.evaluation import plotting, setup
+from jaxdefense.workdir import paths
 from jaxdefense.defenses import outputs
 
 
@@ -194,80 +193,15 @@ def analyse(config: ml_collections.ConfigDict, model, variables, images: np.ndar
   return report
 
 
-def _save(fig, path: epath.Path) -> epath.Path:
-  """A figure with its legend, written as a PNG (`paths.write_png`)."""
-  fig.axes[0].legend()
-  return paths.write_png(fig, path)
-
-
-def plot(report: dict[str, Any], workdir: epath.Path) -> list[epath.Path]:
-  """Per site, channels sorted by natural magnitude, natural vs adversarial bars (PNG)."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib is not installed: no plots (pip install -e '.[plot]')", flush=True)
-    return []
-  written = []
-  for site, entry in report["sites"].items():
-    nat = np.asarray(entry["natural"]["channel_magnitude"])
-    adv = np.asarray(entry["adversarial"]["channel_magnitude"])
-    order = np.argsort(-nat)
-    fig, ax = plt.subplots(figsize=(8, 3))
-    ax.bar(np.arange(len(nat)), nat[order], width=1.0, alpha=0.7, label="natural")
-    ax.bar(np.arange(len(adv)), adv[order], width=1.0, alpha=0.7, label=report["attack"])
-    ax.set_xlabel("channel (sorted by natural magnitude)")
-    ax.set_ylabel("mean |activation|")
-    ax.set_title(f"{site}: uniformity natural {entry['natural']['uniformity']:.3f}, "
-                 f"adversarial {entry['adversarial']['uniformity']:.3f}")
-    written.append(_save(fig, workdir / f"analysis_{site}.png"))
-  for name, entry in report.get("cifs_masks", {}).items():
-    nat = np.asarray(entry["natural"]["channel_importance"])
-    adv = np.asarray(entry["adversarial"]["channel_importance"])
-    order = np.argsort(-nat, kind="stable")
-    fig, ax = plt.subplots(figsize=(8, 3))
-    ax.bar(np.arange(len(nat)), nat[order], width=1.0, alpha=0.7, label="natural")
-    ax.bar(np.arange(len(adv)), adv[order], width=1.0, alpha=0.7, label=report["attack"])
-    ax.set_xlabel("channel (sorted by natural importance)")
-    ax.set_ylabel("mean CIFS mask")
-    ax.set_title(f"{name}: top-10 channels shared {entry['top10_shared']}/10")
-    filename = f"analysis_{name.split('/')[-1]}.png"
-    written.append(_save(fig, workdir / filename))
-  frequency = report.get("activation_frequency")
-  for site, entry in (frequency or {}).get("sites", {}).items():
-    nat, adv = np.asarray(entry["natural"]), np.asarray(entry["adversarial"])
-    order = np.argsort(-nat, kind="stable")
-    fig, ax = plt.subplots(figsize=(8, 3))
-    ax.bar(np.arange(len(nat)), nat[order], width=1.0, color="royalblue", label="natural")
-    ax.bar(np.arange(len(adv)), adv[order], width=1.0, color="indianred", alpha=0.7,
-           label=frequency["attack"])
-    ax.set_ylim(0, max(frequency["num_images"], 1))
-    ax.set_xlabel("channel (sorted by natural frequency)")
-    ax.set_ylabel("number of activations")
-    ax.set_title(f"{site} (before the mask), class {frequency['class_index']}, "
-                 f"{frequency['num_images']} images")
-    written.append(_save(fig, workdir / f"analysis_frequency_{site}.png"))
-  return written
-
-
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
-  workdir = paths.resolve(workdir)
-  mesh = parallel.make_mesh()
-  validation.validate(config, mesh)
-  run_config.check_trained(workdir, config)
-  dataset = data.from_config(config)
-  model = models.from_config(config, dataset.num_classes)
-  variables, step = train_state.restore_variables(config, workdir, which, model,
-                                            dataset.image_shape, mesh)
-  n = config.eval.num_examples or len(dataset.test_labels)
-  report = analyse(config, model, variables, dataset.test_images[:n], dataset.test_labels[:n],
-                   mesh)
-  report["activation_frequency"] = activation_frequency(
-      config, model, variables, dataset.test_images[:n], dataset.test_labels[:n], mesh)
-  report.update(checkpoint=which, step=step, defense=config.defense.name)
+  """Restores the run in `workdir`, analyses it, writes analysis.json and the plots."""
+  s = setup.load(config, workdir, which)
+  report = analyse(config, s.model, s.variables, s.images, s.labels, s.mesh)
+  report["activation_frequency"] = activation_frequency(config, s.model, s.variables, s.images,
+                                                        s.labels, s.mesh)
+  report.update(checkpoint=which, step=s.step, defense=config.defense.name, dtype=s.dtype)
   if jax.process_index() == 0:
-    paths.write_text(workdir / "analysis.json", json.dumps(report, indent=2))
+    paths.write_text(s.workdir / "analysis.json", json.dumps(report, indent=2))
     for site, entry in report["sites"].items():
       print(f"{site}: mean |activation| natural {entry['natural']['mean_magnitude']:.4f} "
             f"adversarial {entry['adversarial']['mean_magnitude']:.4f}; uniformity natural "
@@ -291,5 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
             f", adversarial "
             f"{int(np.sum(np.asarray(entry['adversarial']) * 2 >= frequency['num_images']))} of "
             f"{len(entry['natural'])}", flush=True)
-    plot(report, workdir)
+    if plotting.available("plots"):
+      for name, figure in plotting.analysis_figures(report).items():
+        plotting.write_png(figure, s.workdir / name)
   return report

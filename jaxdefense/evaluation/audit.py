@@ -13,7 +13,6 @@ passes and seconds, beside AutoAttack's) and `DIR/audit_curves.png`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from typing import Any
 
@@ -23,36 +22,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxdefense import attacks, data, defenses, errors, models, parallel
-from jaxdefense.config import validation
-from jaxdefense.evaluation import curves, evaluate, indicators, protocols
-from jaxdefense.training import train_state
-from jaxdefense.workdir import paths, run_config
-
-
-def _restored(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, dataset,
-              mesh) -> tuple[Any, dict, int]:
-  model = models.from_config(config, dataset.num_classes, dtype=config.eval.dtype or None)
-  variables, step = train_state.restore_variables(config, workdir, which, model, dataset.image_shape,
-                                            mesh)
-  return model, variables, step
-
-
-def surrogate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
-  """The surrogate workdir's config, checked against ours (data set, classes, input)."""
-  directory = config.audit.surrogate_workdir
-  if not directory:
-    return None
-  flag = "--config.audit.surrogate_workdir"
-  other = run_config.recorded_config(paths.resolve(directory), flag)
-  ours = (config.data.name, data.NUM_CLASSES[config.data.name], config.data.image_size)
-  theirs = (other.data.name, data.NUM_CLASSES.get(other.data.name), other.data.image_size)
-  if theirs != ours:
-    raise errors.ConfigError(
-        f"{flag}={directory} holds a model of data set {theirs[0]!r} ({theirs[1]} classes, "
-        f"image size {theirs[2]}); this audit's is {ours[0]!r} ({ours[1]} classes, image size "
-        f"{ours[2]}): give a surrogate trained on the same data")
-  return other
+from jaxdefense import attacks, defenses
+from jaxdefense.evaluation import curves, evaluate, indicators, plotting, protocols, setup
+from jaxdefense.workdir import paths
 
 
 def _indicator_fn(config, attack: protocols.EvalAttack, model, surrogate_model):
@@ -76,14 +48,15 @@ def _indicator_fn(config, attack: protocols.EvalAttack, model, surrogate_model):
 
 
 def _curve_fns(config, attack: protocols.EvalAttack, model):
-  """The eps curve's point at eps and the restart curve, as attack-point functions."""
+  """The eps curve's point (args: the variables, eps and the step size, so that one compiled
+  program serves the grid) and the restart curve, as attack-point functions."""
   e, a = config.eval, config.audit
   loss_fn = attack.loss.fn(defenses.from_config(config))
 
-  def at_eps(eps, v, x, labels, key, count):
-    correct = curves.eps_point(count(evaluate.attacked_model(attack, model, v)), attack,
-                               loss_fn, x, labels, key, eps=eps, steps=a.curve_steps,
-                               norm=e.norm)
+  def at_eps(args, x, labels, key, count):
+    correct = curves.eps_point(count(evaluate.attacked_model(attack, model, args["variables"])),
+                               attack, loss_fn, x, labels, key, eps=args["eps"],
+                               step_size=args["step_size"], steps=a.curve_steps, norm=e.norm)
     return correct, jnp.ones_like(correct), {}
 
   def restarts(v, x, labels, key, count):
@@ -99,24 +72,24 @@ def audit(config: ml_collections.ConfigDict, model, variables, images: np.ndarra
           labels: np.ndarray, mesh, *, surrogate: tuple[Any, dict] | None = None,
           record: evaluate.Record = evaluate.Record(None), progress: bool = True
           ) -> dict[str, Any]:
-  """AutoAttack with its checks, the indicators and the curves on (images, labels)."""
+  """AutoAttack with its checks, the indicators and the curves on (images, labels),
+  `config` validated with AutoAttack (`setup.load`)."""
   e, a = config.eval, config.audit
-  validation.check_audit(config)
   attack = protocols.suite(e)[a.attack]
   points = functools.partial(evaluate.attack_points, images=images, labels=labels, mesh=mesh,
                              batch_size=e.batch_size, seed=e.seed, record=record,
                              progress=progress)
   costs: dict[str, dict[str, float]] = {}
 
-  def run(name, fn, v):
-    correct, totals, extras = points(name, fn, v)
+  def run(name, fn, args):
+    correct, totals, per_point = points(name, fn, args)
     costs[name] = {k: totals[k] for k in ("time_s", "forward_passes", "backward_passes")}
-    return correct, extras
+    return correct, per_point
 
   aa = evaluate.evaluate(config, model, variables, images, labels, mesh, names=("autoattack",),
                          progress=progress, record=record)
   natural = np.asarray(run("natural", lambda v, x, y, k, count: (
-      *evaluate.correct_points(model, v, x, y), {}), variables)[0])
+      *attacks.correct_points(model, v, x, y), {}), variables)[0])
   costs["autoattack"] = {k: aa["autoattack"][k]
                          for k in ("time_s", "forward_passes", "backward_passes")}
 
@@ -127,9 +100,12 @@ def audit(config: ml_collections.ConfigDict, model, variables, images: np.ndarra
   report_indicators = indicators.summarise(values, names)
 
   at_eps, restarts = _curve_fns(config, attack, model)
+  at_eps = evaluate.program(at_eps)  # Compiled once for the whole grid.
   eps_grid = [f * e.eps for f in a.eps_factors]
-  eps_accuracy = [float(np.mean(run(f"eps_{f:g}", functools.partial(at_eps, eps), variables)[0]
-                                & natural)) for f, eps in zip(a.eps_factors, eps_grid)]
+  eps_accuracy = [float(np.mean(run(f"eps_{f:g}", at_eps, {
+      "variables": variables, "eps": np.float32(eps),
+      "step_size": np.float32(attack.step_size * eps)})[0] & natural))
+                  for f, eps in zip(a.eps_factors, eps_grid)]
   _, runs = run("restarts", restarts, variables)
   by_run = np.stack([runs[f"correct_run.{r}"] for r in range(max(a.restarts))])
   restart_accuracy = [float(np.mean(np.all(by_run[:r], axis=0) & natural)) for r in a.restarts]
@@ -203,42 +179,28 @@ def _value(indicator: dict[str, Any]) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str = "best") -> dict:
   """Restores the run in `workdir`, audits it, writes audit.json, audit.md and the plot."""
-  workdir = paths.resolve(workdir)
-  mesh = parallel.make_mesh()
-  validation.validate(config, mesh)
-  validation.check_audit(config)
-  other = surrogate_config(config)
-  run_config.check_trained(workdir, config)
-  dataset = data.from_config(config)
-  model, variables, step = _restored(config, workdir, which, dataset, mesh)
-  surrogate = None
-  if other is not None:
-    surrogate_model, surrogate_variables, _ = _restored(
-        other, paths.resolve(config.audit.surrogate_workdir), "latest", dataset, mesh)
-    surrogate = (surrogate_model, surrogate_variables)
+  s = setup.load(config, workdir, which, attacks=("autoattack",), surrogate=True)
   e = config.eval
-  n = e.num_examples or len(dataset.test_labels)
-  images, labels = dataset.test_images[:n], dataset.test_labels[:n]
-  identity = json.dumps({"step": step, "eval": e.to_dict(), "audit": config.audit.to_dict(),
-                         "points": len(labels), "model": run_config.parameter_fields(config)},
-                        sort_keys=True, default=str)
-  progress = workdir / "audit_progress" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+  progress = s.progress("audit_progress", config, audit=config.audit.to_dict())
   if jax.process_index() == 0:
-    print(f"auditing {which} checkpoint (step {step}) of {workdir} on {len(labels)} "
-          f"{dataset.name} test points, eps {e.eps:.4f} {protocols.NORM_TITLES[e.norm]}"
+    print(f"auditing {which} checkpoint (step {s.step}) of {s.workdir} on {len(s.labels)} "
+          f"{s.dataset.name} test points, eps {e.eps:.4f} {protocols.NORM_TITLES[e.norm]}"
           + (" (resuming: finished batches reused)" if progress.exists() else ""), flush=True)
-  report = audit(config, model, variables, images, labels, mesh, surrogate=surrogate,
-                 record=evaluate.Record(progress))
-  report.update(config=config.name, checkpoint=which, step=step, defense=config.defense.name,
-                data=dataset.name, eps=e.eps, norm=e.norm, points=len(labels))
+  report = audit(config, s.model, s.variables, s.images, s.labels, s.mesh,
+                 surrogate=s.surrogate, record=evaluate.Record(progress))
+  report.update(config=config.name, checkpoint=which, step=s.step, defense=config.defense.name,
+                data=s.dataset.name, eps=e.eps, norm=e.norm, points=len(s.labels))
   if jax.process_index() == 0:
-    paths.write_text(workdir / "audit.json", json.dumps(report, indent=2))
+    paths.write_text(s.workdir / "audit.json", json.dumps(report, indent=2))
     caption = (f"# Audit: {config.name}, {config.model.arch} + {config.defense.name}, "
-               f"{which} checkpoint (step {step}), {len(labels)} {dataset.name} test points, "
-               f"eps {e.eps:.4g} {protocols.NORM_TITLES[e.norm]}")
+               f"{which} checkpoint (step {s.step}), {len(s.labels)} {s.dataset.name} test "
+               f"points, eps {e.eps:.4g} {protocols.NORM_TITLES[e.norm]}")
     text = markdown(report, caption)
-    paths.write_text(workdir / "audit.md", text)
-    curves.plot(report["curves"], workdir / "audit_curves.png", caption[2:])
+    paths.write_text(s.workdir / "audit.md", text)
+    if plotting.available("audit plot"):
+      plotting.write_png(plotting.audit_curves(report["curves"], caption[2:],
+                                               report["autoattack"]["accuracy"]),
+                         s.workdir / "audit_curves.png")
     print(text, flush=True)
     if progress.exists():
       progress.rmtree()

@@ -21,10 +21,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 
 from jaxdefense import attacks
-from jaxdefense.workdir import paths
 from jaxdefense.evaluation.protocols import EvalAttack
 
 # A curve levels off when its last step (the last doubling, or the last grid point) moves
@@ -34,17 +32,13 @@ LEVELS_OFF = 0.01
 FALLS_TO_ZERO = 0.02
 
 
-def _pgd(model_fn, attack: EvalAttack, loss_fn, x, labels, key, *, eps: float, steps: int,
-         norm: str, random_start: bool) -> jax.Array:
-  return attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=attack.step_size * eps,
-                     steps=steps, norm=norm, random_start=random_start, loss=loss_fn)
-
-
-def eps_point(model_fn, attack: EvalAttack, loss_fn, x, labels, key, *, eps: float,
+def eps_point(model_fn, attack: EvalAttack, loss_fn, x, labels, key, *, eps, step_size,
               steps: int, norm: str) -> jax.Array:
-  """Per point, correct under the curve's PGD at `eps`."""
-  x_adv = _pgd(model_fn, attack, loss_fn, x, labels, key, eps=eps, steps=steps, norm=norm,
-               random_start=attack.random_start)
+  """Per point, correct under the curve's PGD at `eps` with `step_size` (attack.step_size x
+  eps, computed by the caller: either may be traced, so that one compiled program serves
+  every eps of the grid)."""
+  x_adv = attacks.pgd(model_fn, x, labels, key, eps=eps, step_size=step_size, steps=steps,
+                      norm=norm, random_start=attack.random_start, loss=loss_fn)
   return attacks.common.predicts(model_fn(x_adv).logits, labels)
 
 
@@ -52,8 +46,9 @@ def restart_points(model_fn, attack: EvalAttack, loss_fn, x, labels, key, *, eps
                    steps: int, norm: str, restarts: int) -> jax.Array:
   """(restarts, N): correct under each of `restarts` PGD runs from uniform starts."""
   def run(r, out):
-    x_adv = _pgd(model_fn, attack, loss_fn, x, labels, jax.random.fold_in(key, r), eps=eps,
-                 steps=steps, norm=norm, random_start=True)
+    x_adv = attacks.pgd(model_fn, x, labels, jax.random.fold_in(key, r), eps=eps,
+                        step_size=attack.step_size * eps, steps=steps, norm=norm,
+                        random_start=True, loss=loss_fn)
     return out.at[r].set(attacks.common.predicts(model_fn(x_adv).logits, labels))
   return jax.lax.fori_loop(0, restarts, run, jnp.zeros((restarts, x.shape[0]), bool))
 
@@ -84,28 +79,3 @@ def summarise(eps_grid: Sequence[float], eps_accuracy: Sequence[float],
                                "still falling at the last count: run more restarts")},
   }
 
-
-def plot(curves: dict[str, Any], path: epath.Path, title: str) -> epath.Path | None:
-  """The three curves side by side as one PNG (None without matplotlib)."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib is not installed: no audit plot (pip install -e '.[plot]')", flush=True)
-    return None
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-  for ax, (key, label, log) in zip(axes, (("eps", "eps", False),
-                                          ("iterations", "attack iterations", True),
-                                          ("restarts", "random restarts", True))):
-    entry = curves[key]
-    ax.plot(entry[key], [100 * a for a in entry["accuracy"]], marker="o")
-    if log:
-      ax.set_xscale("log")
-    ax.set_xlabel(label)
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(entry["verdict"][:48], fontsize=8)
-    ax.grid(alpha=0.3)
-  fig.suptitle(title, fontsize=9)
-  return paths.write_png(fig, path)

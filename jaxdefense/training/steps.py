@@ -19,14 +19,17 @@ from jaxdefense.attacks import losses
 from jaxdefense.training.train_state import TrainState
 
 
+EMA_BATCH_STATS = ("average", "live")  # config.train.ema_batch_stats
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """The parts of a training step around the objective (defaults: none of them).
 
   - `label_smoothing` s on the examples `label_smoothing_on` ("all", or "extra": those the
-    batch's `"extra"` mask marks), read by the objective's supervised CE;
-  - AWP of relative size `awp_gamma` from update `awp_start_step` on (`jaxdefense.training.awp`), its
-    proxy step `awp_proxy_lr`;
+    batch's `"is_extra"` mask marks), read by the objective's supervised CE;
+  - AWP of relative size `awp_gamma` from update `awp_start_step` on
+    (`jaxdefense.training.awp`), its proxy step `awp_proxy_lr`;
   - the EMA's decay at each update, `ema_decay(step)`, and whether it averages BatchNorm's
     statistics too (`ema_batch_stats="average"`) or takes the model's ("live").
   """
@@ -49,9 +52,9 @@ class Recipe:
 def _with_smoothing(inputs: dict, batch: dict, recipe: Recipe) -> dict:
   if not recipe.label_smoothing:
     return inputs
-  extra = batch.get("extra", jnp.zeros(batch["labels"].shape, bool))
+  is_extra = batch.get("is_extra", jnp.zeros(batch["labels"].shape, bool))
   return dict(inputs, label_smoothing=objectives.smoothing_per_example(
-      recipe.label_smoothing, recipe.label_smoothing_on, extra))
+      recipe.label_smoothing, recipe.label_smoothing_on, is_extra))
 
 
 def train_step(state: TrainState, batch: dict, *, objective: objectives.Objective,
@@ -99,15 +102,17 @@ def train_step(state: TrainState, batch: dict, *, objective: objectives.Objectiv
 def eval_step(variables: dict, batch: dict, key: jax.Array, *, model,
               pgd: ml_collections.ConfigDict,
               loss: losses.LossFn = losses.cross_entropy) -> dict[str, jax.Array]:
-  """Counts of the valid points correct naturally and under PGD on `loss` (the model as
-  deployed), and of the valid points."""
+  """Counts of the valid points correct naturally, of those robust under PGD on `loss` (the
+  model as deployed), and of the valid points. Robust: correct naturally and on the PGD
+  point, as --mode=eval counts it (`attacks.correct_points`), so never above natural."""
   x = data.to_float(batch["images"])
   labels, valid = batch["labels"], batch["mask"]
-  deployed = attacks.deployed(model, variables)
-  x_adv = attacks.pgd(deployed, x, labels, key, eps=pgd.eps, step_size=pgd.step_size,
-                      steps=pgd.steps, random_start=pgd.random_start, loss=loss)
-  correct = lambda v: jnp.sum((jnp.argmax(deployed(v).logits, -1) == labels) & valid)
-  return {"natural": correct(x), "pgd": correct(x_adv), "count": jnp.sum(valid)}
+  x_adv = attacks.pgd(attacks.deployed(model, variables), x, labels, key, eps=pgd.eps,
+                      step_size=pgd.step_size, steps=pgd.steps, random_start=pgd.random_start,
+                      loss=loss)
+  natural = attacks.correct_points(model, variables, x, labels)[0] & valid
+  robust = natural & attacks.correct_points(model, variables, x_adv, labels)[0]
+  return {"natural": jnp.sum(natural), "pgd": jnp.sum(robust), "count": jnp.sum(valid)}
 
 
 def in_training_pgd_loss(config: ml_collections.ConfigDict) -> losses.LossFn:

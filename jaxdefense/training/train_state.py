@@ -4,6 +4,7 @@ another run from.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxdefense import checkpoint, errors, models, parallel
@@ -38,6 +40,9 @@ class TrainState:
 def uses_ema(config: ml_collections.ConfigDict) -> bool:
   """Whether the run keeps a weight EMA (and so evaluates it)."""
   return config.train.ema_decay > 0
+
+
+EMA_SCHEDULES = ("constant", "warmup")  # config.train.ema_schedule
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
@@ -75,7 +80,9 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, which: str, model,
                       image_shape, mesh) -> tuple[dict, int]:
-  """A checkpoint's variables (its EMA when the run kept one), replicated on the mesh.
+  """A checkpoint's variables (its EMA when the run kept one), replicated on the mesh. Only
+  they are read: the rest of the saved train state (the optimizer state above all) is a
+  placeholder of the target, whose structure is checked all the same.
 
   `which`: "latest", "best" (by the in-training PGD) or a step number."""
   tx, _ = optim.make_optimizer(config, 1)
@@ -85,6 +92,10 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: epath.Path, wh
   sharding = parallel.replicated(mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         abstract)
+  read = ("ema",) if ema else ("params", "batch_stats")
+  target = target.replace(**{f.name: jax.tree.map(lambda _: ocp.PLACEHOLDER,
+                                                  getattr(target, f.name))
+                             for f in dataclasses.fields(TrainState) if f.name not in read})
   directory = workdir / "checkpoints"
   ckpt = checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
                                  best_metric=BEST_METRIC, read_only=True)
