@@ -20,8 +20,9 @@ the handler only sets the flag; the loop polls `reached_preemption(step)` (or `p
 saves with `force=True` and exits. With several processes a flag seen by one process alone
 would make the collective save hang, so SIGTERM is left to JAX's preemption service (on by
 default under `jax.distributed`; it catches SIGTERM on any process) and
-`reached_preemption(step)` is `multihost_utils.reached_preemption_sync_point(step)`, which
-becomes true on all processes at the same step. It must then be called at every step.
+`reached_preemption(step)` is orbax's `CheckpointManager.reached_preemption(step)`: JAX's
+preemption sync point, which becomes true on all processes at the same step (false, not an
+error, where the preemption service is off). It must then be called at every step.
 """
 from __future__ import annotations
 
@@ -54,7 +55,16 @@ class _DropUntrackedMetricWarning(logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
+class _DropReadOnlyDirectoryWarning(logging.Filter):
+  """Orbax warns that the directory is read only whenever a read-only manager opens,
+  however it is configured; an evaluation restores read-only by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only=")
+
+
 logging.getLogger("absl").addFilter(_DropUntrackedMetricWarning())
+logging.getLogger("absl").addFilter(_DropReadOnlyDirectoryWarning())
 _STATE = "state"
 _METADATA = "metadata"
 
@@ -126,6 +136,9 @@ class Checkpointer:
         best_fn=self._score if best_metric is not None else None,
         best_mode=best_mode,
         cleanup_tmp_directories=not read_only,
+        # Read-only: the values orbax would otherwise replace, each with a warning.
+        save_interval_steps=0 if read_only else 1,
+        create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=True)
     self.read_only = read_only
@@ -202,7 +215,9 @@ class Checkpointer:
 
     `which` is "latest", "best" or a step number. Returns `(state, step, metadata)`; None
     when `which="latest"` and nothing is saved yet (a fresh run), FileNotFoundError naming
-    the directory when the best or the given step does not exist.
+    the directory when the best or the given step does not exist. A leaf of `target` that
+    is `ocp.PLACEHOLDER` is not read and comes back as the placeholder (e.g. the optimizer
+    state, where only the weights are wanted); the structure is checked all the same.
 
     A step that fails to restore is skipped for the next older one (for "best": the best,
     then the others from the newest), with one line saying which step and why. Once another
@@ -232,11 +247,16 @@ class Checkpointer:
     if not isinstance(which, (int, np.integer)):
       candidates += [s for s in sorted(self.all_steps(), reverse=True) if s != first]
     abstract = jax.tree.map(_abstract_leaf, target)
+    # The standard handler refuses placeholders; the PyTree one, which it wraps, takes them.
+    state_args = (ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        if any(leaf is ocp.PLACEHOLDER for leaf in jax.tree.leaves(abstract))
+        else ocp.args.StandardRestore(abstract))
     failed: list[tuple[int, str]] = []
     for step in candidates:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(abstract), _METADATA: ocp.args.JsonRestore()}))
+            _STATE: state_args, _METADATA: ocp.args.JsonRestore()}))
       except Exception as e:  # noqa: BLE001  (TensorStore, orbax and tree errors alike)
         failed.append((step, _one_line(e)))
         if jax.process_index() == 0:
@@ -292,10 +312,11 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when the loop should save at `step` and exit because of a preemption.
 
-    Single process: whether SIGTERM arrived. Several processes: JAX's preemption sync point,
-    true on every process at the same step, so it must be called at every step.
+    Single process: whether SIGTERM arrived. Several processes: JAX's preemption sync point
+    through the CheckpointManager (false where the preemption service is off), true on every
+    process at the same step, so it must be called at every step.
     """
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(int(step)):
+    if jax.process_count() > 1 and self._manager.reached_preemption(int(step)):
       self._preempted = True
     return self._preempted
 

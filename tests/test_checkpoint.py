@@ -12,9 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
-from jaxdefense import checkpoint
+from jaxdefense import checkpoint, models, parallel
+from jaxdefense.training import optim, train_state
+from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,6 +217,22 @@ def test_sigterm_handler_sets_flag_and_is_uninstalled(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_several_processes_ask_orbax_for_the_preemption_sync_point(tmp_path):
+  """With several processes the check is the CheckpointManager's: false (not an error) where
+  JAX's preemption service is off, else JAX's sync point."""
+  from jax.experimental import multihost_utils
+
+  def service_off(step):
+    raise RuntimeError("Preemption sync manager has not been initialized")
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=1) as ckpt:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(jax, "process_count", lambda: 2)
+      patch.setattr(multihost_utils, "reached_preemption_sync_point", service_off)
+      assert not ckpt.reached_preemption(2) and not ckpt.preempted
+      patch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 3)
+      assert not ckpt.reached_preemption(2) and ckpt.reached_preemption(3) and ckpt.preempted
+
+
 def test_restores_into_target_shardings():
   result = run_python("""
     import tempfile
@@ -238,3 +258,72 @@ def test_restores_into_target_shardings():
     print("ok")
   """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def _placeholders(tree):
+  return jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+
+
+def test_placeholder_leaves_are_not_read_and_damage_still_falls_back(tmp_path, capsys):
+  """A target whose optimizer state, step and key are `ocp.PLACEHOLDER`: its parameters
+  are the saved ones bit for bit, the placeholders come back as such; a step that does not
+  restore (its tree metadata deleted) is skipped for the next older one, as in a full
+  restore (read-only: nothing moved; else moved aside)."""
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2,
+                               best_metric="pgd_accuracy") as ckpt:
+    ckpt.save(2, make_state(2), metrics={"pgd_accuracy": 0.5})
+    ckpt.save(4, make_state(4), metrics={"pgd_accuracy": 0.25})
+  blank = make_state(0)
+  target = blank.replace(step=ocp.PLACEHOLDER, opt_state=_placeholders(blank.opt_state),
+                         rng=ocp.PLACEHOLDER)
+  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2, best_metric="pgd_accuracy",
+                               read_only=True) as ckpt:
+    restored, step, _ = ckpt.restore(target, which="latest")
+  assert step == 4 and restored.step is ocp.PLACEHOLDER and restored.rng is ocp.PLACEHOLDER
+  assert all(leaf is ocp.PLACEHOLDER for leaf in jax.tree.leaves(restored.opt_state))
+  assert_bit_identical(restored.params, make_state(4).params)
+  os.remove(tmp_path / "4" / "state" / "_METADATA")
+  for read_only, moved in ((True, []), (False, ["4"])):
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep=2,
+                                 best_metric="pgd_accuracy", read_only=read_only) as ckpt:
+      restored, step, _ = ckpt.restore(target, which="latest")
+    assert step == 2 and "checkpoint step 4 in" in capsys.readouterr().out
+    assert_bit_identical(restored.params, make_state(2).params)
+    damaged = tmp_path.parent / f"{tmp_path.name}_damaged"
+    assert (sorted(os.listdir(damaged)) if damaged.exists() else []) == moved
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_restore_variables_reads_the_variables_alone(tmp_path, monkeypatch, ema):
+  """train_state.restore_variables gives the variables a full restore of the train state
+  gives (its EMA when the run keeps one, else params and batch_stats) and orbax reads no
+  other array of the checkpoint (the full restore, through the same spy, reads them all,
+  the optimizer state included)."""
+  config = tiny_config()
+  config.train.ema_decay = 0.5 if ema else 0.0
+  model = models.from_config(config, 10)
+  state = train_state.create(model, optim.make_optimizer(config, 3)[0], jax.random.key(0),
+                             (8, 8, 1), ema=ema)
+  if ema:
+    state = state.replace(ema=jax.tree.map(lambda a: a + 1, state.ema))  # Not the params.
+  directory = tmp_path / "checkpoints"
+  with checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                               best_metric=train_state.BEST_METRIC) as ckpt:
+    ckpt.save(3, state, metrics={train_state.BEST_METRIC: 0.5})
+  read: list[str] = []
+  deserialize = ocp.type_handlers.ArrayHandler.deserialize
+
+  async def spy(self, infos, args=None):
+    read.extend(info.name.split(".")[0] for info in infos)
+    return await deserialize(self, infos, args)
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", spy)
+  with checkpoint.Checkpointer(directory, save_every_steps=1, keep=1,
+                               best_metric=train_state.BEST_METRIC, read_only=True) as ckpt:
+    full, _, _ = ckpt.restore(jax.eval_shape(lambda: state), which="best")
+  assert {"opt_state", "params"} <= set(read)
+  read.clear()
+  variables, step = train_state.restore_variables(config, epath.Path(tmp_path), "best", model,
+                                                  (8, 8, 1), parallel.make_mesh())
+  assert step == 3
+  assert set(read) == ({"ema"} if ema else {"params", "batch_stats"})
+  assert_bit_identical(variables, full.variables(use_ema=ema))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdefense import errors, models
+from jaxdefense import attacks, errors, models
 from jaxdefense.evaluation import evaluate
 from jaxdefense.training import optim, train, train_state
 from jaxdefense.workdir import lock
@@ -137,7 +137,7 @@ def test_a_point_with_non_finite_logits_is_not_robust():
       return type("Out", (), {"logits": logits})()
 
   x = jnp.ones((3, 2, 2, 1)).at[1].set(jnp.nan)
-  correct, finite = evaluate.correct_points(Model(), {}, x, jnp.array([0, 0, 1]))
+  correct, finite = attacks.correct_points(Model(), {}, x, jnp.array([0, 0, 1]))
   assert correct.tolist() == [True, False, False] and finite.tolist() == [True, False, True]
   table = evaluate.markdown_table({"pgd20": {"title": "PGD-20", "accuracy": 0.5,
                                              "non_finite_points": 2}}, "caption")
@@ -146,7 +146,7 @@ def test_a_point_with_non_finite_logits_is_not_robust():
 
 def test_second_training_on_a_held_workdir_refuses_and_eval_runs_beside(trained, tmp_path):
   config, run = _copy(trained, tmp_path)
-  held = lock.Lock(run).acquire()
+  held = lock.Lease(run, config.train.lease_timeout_s).acquire()
   try:
     with pytest.raises(errors.WorkdirBusy, match=rf"in use by a training run on host "
                                                  rf"{socket.gethostname()}, process {os.getpid()}"):
@@ -158,18 +158,43 @@ def test_second_training_on_a_held_workdir_refuses_and_eval_runs_beside(trained,
   assert not (run / "lock.json").exists()
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
-  dead = subprocess.Popen([sys.executable, "-c", "pass"])
-  dead.wait()
-  (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(),
-                                                  "pid": dead.pid, "started": "earlier"}))
-  with lock.Lock(tmp_path):
-    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
-  assert f"its process {dead.pid}" in capsys.readouterr().out
-  (tmp_path / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1,
-                                                  "started": "earlier"}))
-  with pytest.raises(errors.WorkdirBusy, match="host elsewhere, process 1.*delete .*lock.json"):
-    lock.Lock(tmp_path).acquire()
+def test_a_run_killed_on_one_host_resumes_on_another_once_its_lease_expires(trained, tmp_path,
+                                                                              monkeypatch, capsys):
+  """Host a dies after step 4 (its lease left behind, unrenewed, as SIGKILL or a lost VM leaves
+  it); the same command at once on host b waits for the lease to expire (1 s), takes it over
+  in one line, resumes and ends with the uninterrupted run's results and state."""
+  config = tiny_config()
+  config.train.lease_timeout_s = 1.0
+
+  class Killed(Exception):
+    pass
+  batches = train._batches
+
+  def die_after_four(*args, **kwargs):
+    for n, batch in enumerate(batches(*args, **kwargs)):
+      if n == 4:
+        raise Killed
+      yield batch
+  monkeypatch.setattr(socket, "gethostname", lambda: "a")
+  with monkeypatch.context() as killed:
+    killed.setattr(train, "_batches", die_after_four)
+    killed.setattr(lock.Lease, "_renew_periodically", lambda self: None)
+    killed.setattr(lock.Lease, "release", lambda self: None)
+    with pytest.raises(Killed):
+      train.train_and_evaluate(config, tmp_path / "run")
+  assert json.loads((tmp_path / "run" / "lock.json").read_text())["host"] == "a"
+  monkeypatch.setattr(socket, "gethostname", lambda: "b")
+  results = train.train_and_evaluate(config, tmp_path / "run")
+  out = capsys.readouterr().out
+  assert f"taking over {tmp_path / 'run' / 'lock.json'}: the lease of process {os.getpid()} on " \
+         "host a (started" in out and "resumed from step 4" in out
+  assert not (tmp_path / "run" / "lock.json").exists()
+  assert results == json.loads((trained[1] / "results.json").read_text())
+  a = saved_state(trained[1] / "checkpoints", LAST)
+  b = saved_state(tmp_path / "run" / "checkpoints", LAST)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_a_config_that_builds_another_model_is_one_error(trained, tmp_path):

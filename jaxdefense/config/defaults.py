@@ -18,29 +18,34 @@ def get() -> ml_collections.ConfigDict:
   c.init_from = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "cifar10"             # cifar10 | cifar100 | svhn | digits | synthetic
+  c.data.name = "cifar10"             # One of jaxdefense.data.NAMES.
   c.data.data_dir = config_dict.placeholder(str)  # TFDS directory (default ~/tensorflow_datasets)
   c.data.num_train = config_dict.placeholder(int)  # Keep the first N training points.
   c.data.num_test = config_dict.placeholder(int)   # Keep the first N test points.
   c.data.image_size = config_dict.placeholder(int)  # digits / synthetic only.
   # Extra labelled images mixed into every batch (generated data): files or globs, local or
   # gs://, each an .npz with `image` uint8 (N, H, W, C) and `label`, or a directory made by
-  # `python -m jaxdefense.data.extra prepare` (random access, never held whole in memory).
+  # `python -m jaxdefense.data.prepare` (random access, never held whole in memory).
   c.data.extra = ()
   c.data.extra_fraction = 0.0         # Every global batch holds round(f x batch) extra images.
-  # How many steps an epoch is when extra data is mixed in: "real" = one pass over the real
-  # training set's share of the batches (num_train // real images per batch); "batch" =
-  # ceil(num_train / batch_size) steps (the real set's size in batches, as DM-Improves-AT).
+  # How many steps an epoch is when extra data is mixed in (jaxdefense.data.EPOCH_STEPS):
+  # "real" = one pass over the real training set's share of the batches (num_train // real
+  # images per batch); "batch" = ceil(num_train / batch_size) steps (the real set's size in
+  # batches, as DM-Improves-AT).
   c.data.epoch_steps = "real"
   c.data.buffer_batches = 4           # Batches read ahead on each host (bounds host memory).
+  # Remote (gs://) extra data: range requests in flight per host, and a local directory to
+  # copy it into in the background, read from as it fills (docs/generated.md).
+  c.data.read_concurrency = 256
+  c.data.extra_cache_dir = config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # See jaxdefense.models.ARCHITECTURES.
-  c.model.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
+  c.model.dtype = "float32"           # Compute dtype, one of models.DTYPES.
   c.model.kwargs = ml_collections.ConfigDict()    # Architecture fields, e.g. depth, width.
 
   c.defense = ml_collections.ConfigDict()
-  c.defense.name = "none"             # none | cas | fsr | cifs
+  c.defense.name = "none"             # One of defenses.NAMES.
   c.defense.sites = ()                # Insertion points / globs; () = the authors' placement.
   c.defense.beta = 2.0                # CAS / CIFS auxiliary (probe) CE weight.
   c.defense.tau = 0.1                 # FSR Gumbel-sigmoid temperature.
@@ -54,10 +59,11 @@ def get() -> ml_collections.ConfigDict:
   c.defense.loss_rescale = True       # CIFS: the joint loss x 3 / (beta + 1).
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "pgd_at"         # pgd_at | trades | mart | natural
+  c.objective.name = "pgd_at"         # One of training.objectives.NAMES.
   c.objective.beta = 6.0              # TRADES / MART robust-term weight.
   # Label smoothing s of the objective's cross-entropy on the labels, (1 - s) onehot + s / K,
-  # on every example ("all") or on the extra (generated) examples only ("extra").
+  # on every example ("all") or on the extra (generated) examples only ("extra")
+  # (training.objectives.LABEL_SMOOTHING_ON).
   c.objective.label_smoothing = 0.0
   c.objective.label_smoothing_on = "all"
   # AWP (Wu et al. 2020): the weights perturbed layer-wise by gamma x ||w|| in the
@@ -68,7 +74,7 @@ def get() -> ml_collections.ConfigDict:
   c.objective.attack.eps = 8 / 255
   c.objective.attack.step_size = 2 / 255
   c.objective.attack.steps = 10
-  c.objective.attack.loss = "auto"    # auto (the authors' per defense) | ce | defense
+  c.objective.attack.loss = "auto"    # attacks.losses.ATTACK_LOSSES; auto: the authors'.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1
@@ -76,8 +82,8 @@ def get() -> ml_collections.ConfigDict:
   c.optim.nesterov = False
   c.optim.weight_decay = 5e-4
   c.optim.decay_batchnorm = True      # False: no weight decay on BatchNorm scales and biases.
-  # piecewise | cosine | constant | onecycle (PyTorch's OneCycleLR stepped per epoch, its
-  # momentum cycled 0.95 -> 0.85 -> 0.95; warmup_epochs is its rising phase).
+  # One of training.optim.SCHEDULES; onecycle: PyTorch's OneCycleLR stepped per epoch, its
+  # momentum cycled 0.95 -> 0.85 -> 0.95, warmup_epochs its rising phase.
   c.optim.schedule = "piecewise"
   # Linear warm-up from 0 over the first warmup_epochs (any schedule), then the schedule.
   c.optim.warmup_epochs = 0.0
@@ -92,13 +98,13 @@ def get() -> ml_collections.ConfigDict:
   c.train.epochs = 100
   c.train.batch_size = 128            # Global batch, split over all devices.
   c.train.ema_decay = 0.0             # 0 turns the weight EMA off; else it is evaluated.
-  # constant: decay ema_decay at every step. warmup: decay 0 (the EMA copies the weights)
-  # for the first ema_warmup_steps updates, then min(ema_decay, (1 + d) / (10 + d)) with d
-  # the updates since (DeepMind's and Wang et al.'s dynamic decay).
+  # training.train_state.EMA_SCHEDULES. constant: decay ema_decay at every step. warmup:
+  # decay 0 (the EMA copies the weights) for the first ema_warmup_steps updates, then
+  # min(ema_decay, (1 + d) / (10 + d)), d the updates since (DeepMind's, Wang et al.'s).
   c.train.ema_schedule = "constant"
   c.train.ema_warmup_steps = 0
-  # average: the EMA averages BatchNorm statistics too; live: it takes the model's (both
-  # generated-data recipes average the parameters only).
+  # training.steps.EMA_BATCH_STATS. average: the EMA averages BatchNorm statistics too;
+  # live: it takes the model's (both generated-data recipes average the parameters only).
   c.train.ema_batch_stats = "average"
   c.train.log_every_steps = 50
   c.train.eval_every_epochs = 5
@@ -106,6 +112,10 @@ def get() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 200
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3
+  # Seconds a training's lease on its workdir (lock.json) lasts unrenewed: the run renews it
+  # every lease_timeout_s / 4 and at each checkpoint save; a run that died (killed, preempted,
+  # requeued on another host) is taken over by the same command once it is this old.
+  c.train.lease_timeout_s = 300.0
 
   # The in-training robust accuracy (PGD-20), which also ranks checkpoints for "best".
   c.eval_pgd = ml_collections.ConfigDict()
@@ -113,18 +123,19 @@ def get() -> ml_collections.ConfigDict:
   c.eval_pgd.step_size = 2 / 255
   c.eval_pgd.steps = 20
   c.eval_pgd.random_start = True
-  c.eval_pgd.loss = "auto"            # auto (CAS, CIFS: their own loss; else CE) | ce | defense
+  c.eval_pgd.loss = "auto"            # ATTACK_LOSSES; auto: CAS, CIFS their own, else CE.
 
   c.eval = ml_collections.ConfigDict()  # --mode=eval (docs/evaluation.md).
   c.eval.num_examples = 0             # The first N test points (0 = all).
   c.eval.batch_size = 200
   c.eval.eps = 8 / 255
   c.eval.seed = 0
-  c.eval.norm = "linf"                # linf | l2 (l2: protocol autoattack, or PGD / AA attacks)
+  c.eval.norm = "linf"                # attacks.common.NORMS (not linf: protocol autoattack,
+  #                                     or PGD / AutoAttack attacks).
   c.eval.dtype = ""                   # Compute dtype of the evaluation ("" = model.dtype;
   #                                     bfloat16: perturbations and losses stay float32).
-  # fsr | cas | cifs | autoattack | full: the attacks of each paper's protocol,
-  # RobustBench's, or all of them with the adaptive ones (jaxdefense.evaluation.protocols.PROTOCOLS).
+  # One of evaluation.protocols.PROTOCOLS: the attacks of each paper's protocol,
+  # RobustBench's, or all of them with the adaptive ones.
   c.eval.protocol = "full"
   # Non-empty: these attacks instead of the protocol's, of fgsm, pgd20, pgd100, pgd20_rs, cw,
   # cas_fgsm, cas_pgd20, cas_cw, cifs_fgsm, cifs_pgd20, cifs_pgd100, cifs_cw,

@@ -15,16 +15,11 @@ import jax
 import ml_collections
 
 from jaxdefense import data, defenses, errors, models, parallel
-from jaxdefense.data import extra
+from jaxdefense.data import batching
 from jaxdefense.evaluation import indicators, protocols
-from jaxdefense.training import objectives
 from jaxdefense.attacks import auto_attack, common, losses
+from jaxdefense.training import objectives, optim, steps, train_state
 
-DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("piecewise", "cosine", "constant", "onecycle")
-EPOCH_STEPS = ("real", "batch")
-EMA_SCHEDULES = ("constant", "warmup")
-EMA_BATCH_STATS = ("average", "live")
 
 
 def _fail(field: str, value: Any, rule: str) -> None:
@@ -49,6 +44,14 @@ def _number(field: str, value: Any, minimum: float, *, open_below: bool = False,
     low = f"{'>' if open_below else '>='} {minimum:g}"
     _fail(field, value, f"must be a finite number {low}"
           + (f" and < {below:g}" if below is not None else "") + note)
+
+
+def _linf_eps(field: str, value: float) -> None:
+  """An L-inf radius beyond 1 covers the whole image range [0, 1]: a radius meant in
+  x/255 given as x (--config.eval.eps=2.0 for 2/255) would report 0% robust."""
+  if value > 1:
+    _fail(field, value, f"is an L-inf radius on images in [0, 1] and must be <= 1 (eps 1 "
+          f"already allows any image; for {value:g}/255 give {value / 255:.6g})")
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...] | dict) -> None:
@@ -97,11 +100,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"data.extra={tuple(d.extra)!r} with data.extra_fraction={d.extra_fraction}: extra "
         "data needs a fraction > 0 of each batch, and a fraction > 0 needs data.extra")
-  _choice("data.epoch_steps", d.epoch_steps, EPOCH_STEPS)
+  _choice("data.epoch_steps", d.epoch_steps, batching.EPOCH_STEPS)
   _integer("data.buffer_batches", d.buffer_batches, 1)
+  _integer("data.read_concurrency", d.read_concurrency, 1)
+  if d.extra_cache_dir is not None and (not isinstance(d.extra_cache_dir, str)
+                                        or not d.extra_cache_dir or "://" in d.extra_cache_dir):
+    _fail("data.extra_cache_dir", d.extra_cache_dir, "must be a local directory")
   if d.extra:
-    _as_config_error(extra.check_batch, config.train.batch_size, d.extra_fraction,
-                     jax.process_count())
+    _as_config_error(batching.check_batch, config.train.batch_size, d.extra_fraction,
+                     jax.process_count(), name="data.extra_fraction")
 
 
 def _num_test_points(config: ml_collections.ConfigDict) -> int | None:
@@ -118,7 +125,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   parameters' shapes traced (`jax.eval_shape`: nothing is computed)."""
   m = config.model
   _choice("model.arch", m.arch, models.ARCHITECTURES)
-  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.dtype", m.dtype, models.DTYPES)
   _as_config_error(defenses.from_config, config)
   try:
     model = models.from_config(config, data.NUM_CLASSES[config.data.name])
@@ -144,6 +151,7 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
   _integer("objective.attack.steps", o.attack.steps, 0)
   _choice("objective.attack.loss", o.attack.loss, losses.ATTACK_LOSSES)
   _as_config_error(objectives.attack_config, config)
+  _linf_eps("objective.attack.eps", o.attack.eps)
   _number("objective.label_smoothing", o.label_smoothing, 0, below=1)
   _choice("objective.label_smoothing_on", o.label_smoothing_on, objectives.LABEL_SMOOTHING_ON)
   if o.label_smoothing and o.label_smoothing_on == "extra" and not config.data.extra:
@@ -160,7 +168,7 @@ def check_optim(config: ml_collections.ConfigDict) -> None:
   _number("optim.lr", o.lr, 0)
   _number("optim.momentum", o.momentum, 0, below=1)
   _number("optim.weight_decay", o.weight_decay, 0)
-  _choice("optim.schedule", o.schedule, SCHEDULES)
+  _choice("optim.schedule", o.schedule, optim.SCHEDULES)
   milestones = tuple(o.milestones)
   if any(isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0 for m in milestones) \
       or list(milestones) != sorted(milestones):
@@ -189,9 +197,11 @@ def check_train(config: ml_collections.ConfigDict, mesh) -> None:
   _as_config_error(parallel.check_batch_size, t.eval_batch_size, mesh, "train.eval_batch_size")
   _integer("train.checkpoint_every_steps", t.checkpoint_every_steps, 1)
   _integer("train.keep_checkpoints", t.keep_checkpoints, 1)
-  _choice("train.ema_schedule", t.ema_schedule, EMA_SCHEDULES)
+  _number("train.lease_timeout_s", t.lease_timeout_s, 1,
+          note=" (seconds a dead run's workdir lease lasts; renewed every timeout / 4)")
+  _choice("train.ema_schedule", t.ema_schedule, train_state.EMA_SCHEDULES)
   _integer("train.ema_warmup_steps", t.ema_warmup_steps, 0)
-  _choice("train.ema_batch_stats", t.ema_batch_stats, EMA_BATCH_STATS)
+  _choice("train.ema_batch_stats", t.ema_batch_stats, steps.EMA_BATCH_STATS)
   if config.init_from is not None and not config.init_from:
     _fail("init_from", config.init_from, "must name a workdir, or be left unset")
 
@@ -199,14 +209,17 @@ def check_train(config: ml_collections.ConfigDict, mesh) -> None:
 def check_eval_pgd(config: ml_collections.ConfigDict) -> None:
   p = config.eval_pgd
   _number("eval_pgd.eps", p.eps, 0)
+  _linf_eps("eval_pgd.eps", p.eps)
   _integer("eval_pgd.steps", p.steps, 0)
   if p.steps:
     _number("eval_pgd.step_size", p.step_size, 0, open_below=True)
   _choice("eval_pgd.loss", p.loss, losses.ATTACK_LOSSES)
 
 
-def check_eval(config: ml_collections.ConfigDict, mesh) -> None:
-  """`config.eval`: the points, the threat model, the attacks and their budgets."""
+def check_eval(config: ml_collections.ConfigDict, mesh,
+               attacks: tuple[str, ...] | None = None) -> None:
+  """`config.eval`: the points, the threat model, the attacks and their budgets (`attacks`,
+  else those of `eval.protocol` / `eval.attacks`)."""
   e = config.eval
   _integer("eval.num_examples", e.num_examples, 0, _num_test_points(config),
            " (0 = all test points)")
@@ -214,7 +227,9 @@ def check_eval(config: ml_collections.ConfigDict, mesh) -> None:
   _number("eval.eps", e.eps, 0)
   _integer("eval.seed", e.seed, 0)
   _choice("eval.norm", e.norm, common.NORMS)
-  _choice("eval.dtype", e.dtype, ("",) + DTYPES)
+  if e.norm == "linf":
+    _linf_eps("eval.eps", e.eps)
+  _choice("eval.dtype", e.dtype, ("",) + models.DTYPES)
   _choice("eval.protocol", e.protocol, protocols.PROTOCOLS)
   _integer("eval.adaptive_steps", e.adaptive_steps, 1)
   _integer("eval.eot_samples", e.eot_samples, 1)
@@ -224,7 +239,7 @@ def check_eval(config: ml_collections.ConfigDict, mesh) -> None:
         f"eval.autoattack_chunks={e.autoattack_chunks} gathers AutoAttack's robust points "
         f"into batches that are not split over the mesh; with {mesh.size} devices use "
         "eval.autoattack_chunks=1")
-  check_attacks(config, protocols.attack_names(e))
+  check_attacks(config, protocols.attack_names(e) if attacks is None else attacks)
 
 
 def check_attacks(config: ml_collections.ConfigDict, names: tuple[str, ...]) -> None:
@@ -283,8 +298,10 @@ def check_analysis(config: ml_collections.ConfigDict) -> None:
            data.NUM_CLASSES[config.data.name] - 1)
 
 
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
-  """Every field of `config`, for every mode (see the module docstring)."""
+def validate(config: ml_collections.ConfigDict, mesh, *,
+             eval_attacks: tuple[str, ...] | None = None) -> None:
+  """Every field of `config`, for every mode (see the module docstring); `eval_attacks`:
+  the evaluation attacks a mode runs instead of eval's protocol (the audit: AutoAttack)."""
   for name, value in _non_finite(config):
     _fail(name, value, "must be finite")
   if not isinstance(config.seed, int) or config.seed < 0:
@@ -295,6 +312,6 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   check_optim(config)
   check_train(config, mesh)
   check_eval_pgd(config)
-  check_eval(config, mesh)
+  check_eval(config, mesh, eval_attacks)
   check_audit(config)
   check_analysis(config)

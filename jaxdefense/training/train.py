@@ -21,7 +21,7 @@ from etils import epath
 
 from jaxdefense import checkpoint, data, defenses, errors, models, parallel
 from jaxdefense.config import validation
-from jaxdefense.data import extra
+from jaxdefense.data import batching, sources
 from jaxdefense.training import objectives, optim, steps, train_state
 from jaxdefense.workdir import lock, metrics, paths, run_config
 from jaxdefense.training.train_state import TrainState
@@ -49,8 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   """Trains (resuming from the workdir's latest checkpoint), evaluates, writes results.
 
   Before anything is loaded, the config must be valid (`validation.validate`), the extra
-  data files (if any) well-formed (`extra.open_from_config`), the workdir writable, free
-  (`lock.Lock`: one training per workdir) and, if trained before, trained with a config
+  data files (if any) well-formed (`sources.open_from_config`), the workdir writable, free
+  (`lock.Lease`: one training per workdir) and, if trained before, trained with a config
   that builds the same model (`run_config.check_config`). Returns the
   results, or `{"preempted": True, "step": ...}` after SIGTERM; raises `errors.Diverged` at
   a non-finite loss or gradient norm, having saved nothing from that step on."""
@@ -61,19 +61,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     run_config.check_trained(paths.resolve(config.init_from), config, "config.init_from")
   is_main = jax.process_index() == 0
   run_config.check_config(workdir, config)
-  source = extra.open_from_config(config)
-  workdir_lock = lock.Lock(workdir)
+  source = sources.open_from_config(config)
+  lease = lock.Lease(workdir, config.train.lease_timeout_s)  # Held by process 0 only.
   try:
     if is_main:
       paths.check_writable(workdir)
       metrics.check_supported(workdir)
-      workdir_lock.acquire()
+      lease.acquire()
     try:
       if is_main:
         run_config.record_config(workdir, config)
-      return _train(config, workdir, mesh, source)
+      return _train(config, workdir, mesh, source, lease)
     finally:
-      workdir_lock.release()
+      lease.release()
   finally:
     if source is not None:
       source.close()
@@ -86,7 +86,7 @@ class _Run:
   workdir: epath.Path
   mesh: Any
   dataset: data.Dataset
-  source: extra.ExtraSource | None
+  source: sources.ExtraSource | None
   steps_per_epoch: int
   total_steps: int
   step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
@@ -94,15 +94,18 @@ class _Run:
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
   is_main: bool
+  lease: lock.Lease
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
-           source: extra.ExtraSource | None) -> dict:
+           source: sources.ExtraSource | None, lease: lock.Lease) -> dict:
   is_main = jax.process_index() == 0
   dataset = data.from_config(config)
   model = models.from_config(config, dataset.num_classes)
   batch_size = config.train.batch_size
-  steps_per_epoch = extra.steps_per_epoch(config, len(dataset.train_labels))
+  steps_per_epoch = batching.steps_per_epoch(
+      len(dataset.train_labels), batch_size, extra_fraction=config.data.extra_fraction,
+      epoch_steps=config.data.epoch_steps)
   if steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={batch_size} exceeds the "
                              f"{len(dataset.train_labels)} training points of {dataset.name}")
@@ -111,7 +114,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     print(f"config:\n{config}", flush=True)
     mixed = "" if source is None else (
         f"; extra data: {source.num_examples} images of {len(source.paths)} file(s), "
-        f"{round(config.data.extra_fraction * batch_size)} of every batch of {batch_size}")
+        f"{batching.check_batch(batch_size, config.data.extra_fraction)[1]} of every batch "
+        f"of {batch_size}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
           f"({jax.process_count()} process(es)); data set {dataset.name}: "
           f"{len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
@@ -151,7 +155,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     writer = MetricWriter(workdir, resume_step=int(state.step) if restored else None)
     run = _Run(config=config, workdir=workdir, mesh=mesh, dataset=dataset, source=source,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, step_fn=step_fn,
-               eval_fn=eval_fn, ckpt=ckpt, writer=writer, is_main=is_main)
+               eval_fn=eval_fn, ckpt=ckpt, writer=writer, is_main=is_main, lease=lease)
     return _loop(run, state)
   finally:
     ckpt.close()
@@ -243,23 +247,21 @@ def _evaluate(run: _Run, state: TrainState, *, step: int, epoch: int) -> dict:
 
 def _batches(run: _Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of the global batches of steps start_step .. total_steps - 1, a
-  function of (seed, step): the real set's epochs in seeded order, or with extra data
-  `extra.batches` (real and extra images mixed in every batch, read ahead on threads, with
-  the mask `"extra"`)."""
+  function of (seed, step) (`batching.batches`: the real set's epochs in seeded order, extra
+  images mixed into every batch with the mask `"is_extra"`, read ahead on threads)."""
   c = run.config
-  common = dict(seed=c.seed, batch_size=c.train.batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
-  if run.source is not None:
-    yield from extra.batches(run.dataset, run.source, start_step=start_step,
-                             num_steps=run.total_steps - start_step,
-                             extra_fraction=c.data.extra_fraction,
-                             buffer_batches=c.data.buffer_batches, **common)
-    return
-  for epoch in range(start_step // run.steps_per_epoch, c.train.epochs):
-    first = start_step % run.steps_per_epoch if epoch == start_step // run.steps_per_epoch else 0
-    for images, labels in data.train_batches(run.dataset, epoch=epoch, start_step=first,
-                                             **common):
-      yield {"images": images, "labels": labels}
+  return batching.batches(run.dataset, run.source, seed=c.seed, start_step=start_step,
+                          num_steps=run.total_steps - start_step,
+                          batch_size=c.train.batch_size, extra_fraction=c.data.extra_fraction,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          buffer_batches=c.data.buffer_batches)
+
+
+def _save(run: _Run, step: int, state: TrainState, **kwargs: Any) -> None:
+  """`run.ckpt.save`, the workdir's lease renewed first: a run whose lease was taken over
+  (it stalled past its timeout) stops there instead of writing beside the new holder."""
+  run.lease.renew()
+  run.ckpt.save(step, state, **kwargs)
 
 
 def _loop(run: _Run, state: TrainState) -> dict:
@@ -293,16 +295,16 @@ def _loop(run: _Run, state: TrainState) -> dict:
                            or step == run.total_steps):
         pending.fetch(run)
         last_eval = _evaluate(run, state, step=step, epoch=completed)
-        run.ckpt.save(step, state, force=True, metadata=metadata,
-                      metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]})
+        _save(run, step, state, force=True, metadata=metadata,
+              metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]})
       elif step % c.train.checkpoint_every_steps == 0:
         pending.fetch(run)
-        run.ckpt.save(step, state, metadata=metadata)
+        _save(run, step, state, metadata=metadata)
       # The last step finishes the run (results below) even if SIGTERM came meanwhile.
       if run.ckpt.reached_preemption(step) and step < run.total_steps:
         _log_train(run, pending, step=step, epoch=epoch, elapsed_s=time.time() - start_time,
                    data_wait=data_wait, bar=bar)
-        run.ckpt.save(step, state, force=True, metadata=dict(metadata, preempted=True))
+        _save(run, step, state, force=True, metadata=dict(metadata, preempted=True))
         if run.is_main:
           print(f"preempted: saved step {step} to {run.workdir}; rerun the same command "
                 "to resume", flush=True)
@@ -310,8 +312,8 @@ def _loop(run: _Run, state: TrainState) -> dict:
 
   if last_eval is None:  # Resumed a finished run: evaluate its final state again.
     last_eval = _evaluate(run, state, step=step, epoch=c.train.epochs)
-  run.ckpt.save(step, state, force=True, metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]},
-                metadata={"epoch": c.train.epochs, "config": c.name})
+  _save(run, step, state, force=True, metrics={train_state.BEST_METRIC: last_eval["pgd_accuracy"]},
+        metadata={"epoch": c.train.epochs, "config": c.name})
   run.ckpt.wait()
   results = {"config": c.name, "epochs": c.train.epochs, "steps": step,
              "natural_accuracy": last_eval["natural_accuracy"],

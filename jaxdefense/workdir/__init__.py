@@ -1,1 +1,1 @@
-"""The run's directory: paths and atomic writes, the lock, the recorded config, metrics."""
+"""The run's directory: paths and atomic writes, the lease, the recorded config, metrics."""
