@@ -2,15 +2,19 @@
 precision so reference comparisons are tight, and one persistent compilation cache for the
 session, shared with pytest-xdist's workers and the subprocesses tests start (many tests
 compile the same tiny programs: training runs, resumes, main.py runs). On a GPU the workers
-share it, so none preallocates its memory."""
+share it, so none preallocates its memory. gs:// tests get a bucket (`gcs_bucket`) on a
+storage server each worker starts on loopback when a test first asks for one."""
 import os
 import shutil
 import tempfile
+import uuid
 
+import fsspec
 import jax
 import pytest
 
 from jaxdefense import xla_flags
+from tests import storage_server
 
 xla_flags.set_cpu_defaults()  # Before JAX's first computation, as main.py does.
 # The suite is bound by compilation of tiny programs: LLVM at -O0 compiles them about twice
@@ -51,3 +55,22 @@ def rolled_attack_loops():
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(common, "default_unroll", lambda steps: 1)
     yield
+
+
+@pytest.fixture(scope="session")
+def storage_server_url():
+  """fake-gcs-server on a free loopback port for the session (each pytest-xdist worker
+  starts its own), stopped at its end; its http://127.0.0.1:PORT (tests/storage_server.py)."""
+  with storage_server.running() as url:
+    yield url
+
+
+@pytest.fixture
+def gcs_bucket(storage_server_url, monkeypatch):
+  """A fresh gs:// prefix in the storage server's bucket; the test and the processes it
+  starts reach the server (its environment variables, and fsspec's anonymous token here)."""
+  for name, value in storage_server.environment(storage_server_url).items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}),
+                                                  "token": "anon"})
+  return f"gs://{storage_server.BUCKET}/{uuid.uuid4().hex[:12]}"

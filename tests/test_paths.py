@@ -1,10 +1,13 @@
-"""Workdir paths: local ones made absolute (relative, ~, symlinks), URLs kept; atomic writes,
-also to a (mocked) gs:// bucket."""
+"""Workdir paths: local ones made absolute (relative, ~, symlinks), URLs kept; atomic writes
+and the writable check, on a disk and in a bucket (the loopback storage server)."""
 import os
+import subprocess
+import sys
 
+import pytest
 from etils import epath
-from etils.epath import testing as epath_testing
 
+from jaxdefense import errors
 from jaxdefense.workdir import paths
 
 
@@ -36,12 +39,37 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
   assert sorted(os.listdir(tmp_path / "deep")) == ["eval.json"]
 
 
-def test_writes_reach_a_gs_bucket(tmp_path, monkeypatch):
-  """Under etils' gs:// mock (a local folder `gs:/bucket` in the working directory)."""
-  monkeypatch.chdir(tmp_path)
-  with epath_testing.mock_epath():
-    workdir = paths.resolve("gs://bucket/run")
-    paths.write_text(workdir / "eval.json", "{}")
-    assert (workdir / "eval.json").read_text() == "{}"
-    assert [p.name for p in workdir.iterdir()] == ["eval.json"]
-  assert (tmp_path / "gs:" / "bucket" / "run" / "eval.json").read_text() == "{}"
+def test_a_bucket_workdir_is_checked_and_written_in_place(gcs_bucket):
+  """Against the storage server: a new prefix, where nothing exists yet (an object store has
+  no directories), passes the writable check and is left empty; files are written whole,
+  in place (no temporary objects); a prefix that is an object, or a bucket that does not
+  exist, is one line naming the workdir."""
+  workdir = paths.resolve(f"{gcs_bucket}/run")
+  paths.check_writable(workdir)
+  assert not workdir.exists()
+  paths.write_text(workdir / "eval.json", "first")
+  paths.write_text(workdir / "eval.json", "second")
+  assert (workdir / "eval.json").read_text() == "second"
+  assert [p.name for p in workdir.iterdir()] == ["eval.json"]
+  paths.check_writable(workdir)
+  with pytest.raises(errors.RunError, match=rf"^workdir {workdir}/eval.json is not a writable "
+                     rf"directory: {workdir}/eval.json is a file$"):
+    paths.check_writable(workdir / "eval.json")
+  with pytest.raises(errors.RunError, match=r"^workdir gs://no-such-bucket/run is not a writable "
+                     r"directory: its bucket does not exist; create it or use another --workdir$"):
+    paths.check_writable("gs://no-such-bucket/run")
+
+
+def test_gcsfs_is_its_plain_filesystem_unless_the_environment_asks_otherwise():
+  """Importing jaxdefense's paths makes gcsfs (imported later, as epath does) its plain
+  GCSFileSystem, which does not look up each bucket's storage layout; a user's own
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is kept."""
+  script = ("import jaxdefense.workdir.paths, fsspec; "
+            "print(fsspec.get_filesystem_class('gs').__module__)")
+  env = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+  for setting, module in ((None, "gcsfs.core"), ("true", "gcsfs.extended_gcsfs")):
+    if setting:
+      env["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = setting
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == module, out.stderr

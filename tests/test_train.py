@@ -1,5 +1,5 @@
 """The training program: an end-to-end main.py run, resume == uninterrupted, schedules and
-the optimizer, a gs:// workdir (bad configs: tests/test_bad_input.py)."""
+the optimizer (bad configs: tests/test_bad_input.py; a gs:// workdir: tests/test_gcs.py)."""
 import functools
 import json
 import os
@@ -10,13 +10,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from etils import epath
-from etils.epath import testing as epath_testing
-from tensorboardX import record_writer
 
 from jaxdefense import checkpoint, data, models
 from jaxdefense.config import validation
-from jaxdefense.evaluation import analysis, evaluate
 from jaxdefense.training import optim, steps, train, train_state
 from jaxdefense.config.defaults import get as default_config
 from tests.helpers import (ROOT, TINY, kept_checkpoints, run_main, steps_per_epoch, tiny_config,
@@ -201,51 +197,6 @@ def test_onecycle_is_torch_onecyclelr_stepped_per_epoch_with_nesterov_sgd():
       onecycle.step()
 
 
-class _EpathEventFiles:
-  """tensorboardX's writer factory for gs:// (the real one needs google-cloud-storage and a
-  bucket), writing through epath, i.e. into etils' gs:// mock."""
-
-  def open(self, path):
-    return epath.Path(path).open("wb")
-
-  def directory_check(self, path):
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def test_train_eval_and_analyze_on_a_gs_workdir(tmp_path, monkeypatch):
-  """With --workdir=gs://bucket/run every output lands in the bucket (etils' mock maps it
-  to `gs:/bucket/run` in the working directory) and orbax gets the gs:// path itself (its
-  TensorStore writes are not mocked: the test's Checkpointer keeps them local)."""
-  monkeypatch.chdir(tmp_path)
-  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", _EpathEventFiles())
-  handed_to_orbax = []
-
-  class LocalCheckpointer(checkpoint.Checkpointer):
-    def __init__(self, directory, **kwargs):
-      handed_to_orbax.append(str(directory))
-      epath.Path(directory).mkdir(parents=True, exist_ok=True)
-      super().__init__(tmp_path / "orbax", **kwargs)
-
-  monkeypatch.setattr(checkpoint, "Checkpointer", LocalCheckpointer)
-  config = tiny_config()
-  config.train.epochs = 1
-  config.eval.attacks, config.eval.batch_size, config.eval.num_examples = ("pgd20",), 24, 24
-  with epath_testing.mock_epath():
-    train.train_and_evaluate(config, "gs://bucket/run")
-    evaluate.run(config, "gs://bucket/run", which="latest")
-    analysis.run(config, "gs://bucket/run", which="latest")
-  assert handed_to_orbax == ["gs://bucket/run/checkpoints"] * 3
-  bucket = tmp_path / "gs:" / "bucket" / "run"
-  written = set(os.listdir(bucket))
-  assert {"results.json", "metrics.jsonl", "eval.json", "eval.md", "analysis.json",
-          "analysis_layer2.0.png", "tensorboard", "checkpoints"} <= written, written
-  assert json.loads((bucket / "results.json").read_text())["steps"] == total_steps(config)
-  assert json.loads((bucket / "eval.json").read_text())["results"]["pgd20"]["num_points"] == 24
-  assert os.listdir(bucket / "tensorboard")
-  assert not [f for f in written if ".tmp-" in f]
-  assert not (tmp_path / "gs:").samefile(tmp_path / "orbax") and os.listdir(tmp_path / "orbax")
-
-
 def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
   """eval_pgd.loss="auto" (which also ranks checkpoints for --checkpoint=best): CAS's own
   loss for CAS, the CE otherwise; "ce" and "defense" force either; others are refused."""
@@ -267,6 +218,44 @@ def test_the_in_training_pgd_attacks_cas_through_its_own_loss():
     validation.check_eval_pgd(cas)
 
 
+class _Pixels:
+  """A model whose logits are the image's 4 pixels: class k wins where pixel k is the
+  brightest."""
+
+  def apply(self, variables, x, train=False):
+    del variables, train
+    return models.ModelOutput(logits=x.reshape(x.shape[0], -1), aux={})
+
+
+def test_the_in_training_pgd_counts_robust_only_points_also_correct_naturally():
+  """eval_step, summed by train.evaluate_accuracy over padded batches: a point is robust
+  when it is correct naturally and on the PGD point, as --mode=eval counts it. Built so that
+  the attack "fixes" every point: PGD descends the CE (its loss negated) over the whole box
+  on a model whose logits are the pixels, which moves each point to its label's corner, so
+  counting the PGD point alone would give 100%; robust accuracy is then exactly the natural
+  one (NumPy's argmax of the pixels)."""
+  from jaxdefense import attacks, parallel
+  from jaxdefense.attacks import losses
+  rng = np.random.default_rng(0)
+  images = rng.permuted(np.tile(np.array([0, 80, 160, 240], np.uint8), (10, 1)), axis=1)
+  images = images.reshape(10, 2, 2, 1)
+  labels = rng.integers(0, 4, 10).astype(np.int32)
+  natural = np.argmax(images.reshape(10, 4), -1) == labels
+  assert 0 < natural.sum() < 10
+  pgd = ml_collections.ConfigDict({"eps": 1.0, "step_size": 0.5, "steps": 4,
+                                   "random_start": False})
+  descend = lambda out, y: -losses.cross_entropy(out, y)
+  x_adv = attacks.pgd(attacks.deployed(_Pixels(), {}), data.to_float(images), labels,
+                      jax.random.key(0), eps=1.0, step_size=0.5, steps=4, random_start=False,
+                      loss=descend)
+  assert (np.argmax(np.asarray(x_adv).reshape(10, 4), -1) == labels).all()  # All "fixed".
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=_Pixels(), pgd=pgd, loss=descend))
+  result = train.evaluate_accuracy(eval_fn, {}, images, labels, parallel.make_mesh(),
+                                   batch_size=4, seed=0)
+  assert result["num_examples"] == 10
+  assert result["natural_accuracy"] == result["pgd_accuracy"] == natural.sum() / 10
+
+
 def _generated_tiny(recipe: str, defense: str, extra_path) -> ml_collections.ConfigDict:
   """configs/generated.py's recipe on 64 synthetic 8x8 images with a WRN-10-1, 2 epochs."""
   c = load_config("generated", f"{recipe},wrn28_10")
@@ -285,7 +274,7 @@ def _generated_tiny(recipe: str, defense: str, extra_path) -> ml_collections.Con
 def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defense):
   """Both recipe configs train with an extra source, with and without a defense; every
   batch the step receives holds round(0.7 x 32) = 22 extra images (all pixels the marker,
-  flagged by "extra") after 10 real ones (never all marker), as an epoch of
+  flagged by "is_extra") after 10 real ones (never all marker), as an epoch of
   ceil(64 / 32) = 2 steps; the results are finite; each train row says how long the loop
   waited for data (`data_wait_s`, within its elapsed time)."""
   config = _generated_tiny(recipe, defense, write_extra(tmp_path / "extra.npz", 100, (8, 8, 3)))
@@ -294,7 +283,7 @@ def test_generated_recipes_train_end_to_end(tmp_path, monkeypatch, recipe, defen
   def checked(*args, **kwargs):
     for batch in batches(*args, **kwargs):
       marked = np.all(batch["images"] == EXTRA_MARKER, axis=(1, 2, 3))
-      seen.append((marked.tolist(), batch["extra"].tolist()))
+      seen.append((marked.tolist(), batch["is_extra"].tolist()))
       yield batch
 
   monkeypatch.setattr(train, "_batches", checked)
@@ -321,7 +310,7 @@ def _tiny_step_setup(recipe, objective_name="natural"):
   rng = np.random.default_rng(0)
   batch = {"images": rng.integers(0, 256, (8, 8, 8, 1), np.uint8),
            "labels": rng.integers(0, 4, 8).astype(np.int32),
-           "extra": np.arange(8) >= 3}
+           "is_extra": np.arange(8) >= 3}
   return state, step, batch, objective
 
 
@@ -354,7 +343,7 @@ def test_ema_warm_up_schedule_is_the_recipes_recurrence(batch_stats):
                                          ("extra", np.arange(8) >= 3)])
 def test_the_step_smooths_the_labels_the_recipe_names(on, smoothed):
   """train_step's loss is the objective's at s = 0.2 on the examples `on` names (all, or the
-  batch's "extra" ones), 0 on the rest: its CE is the closed form (1 - s) CE + s mean_k
+  batch's "is_extra" ones), 0 on the rest: its CE is the closed form (1 - s) CE + s mean_k
   (-log p_k) per example."""
   from jaxdefense.training import steps  # noqa: PLC0415
   state, step, batch, objective = _tiny_step_setup(
@@ -384,11 +373,11 @@ def test_a_shard_damaged_mid_run_stops_it_naming_the_shard(tmp_path, monkeypatch
   """A prepared shard truncated while the run reads it: the run stops with a DataError naming
   the shard; the step whose batch failed never ran, so no checkpoint is of it or later."""
   from jaxdefense import errors  # noqa: PLC0415
-  from jaxdefense.data import extra  # noqa: PLC0415
+  from jaxdefense.data import writer  # noqa: PLC0415
   rng = np.random.default_rng(0)
-  extra.write_prepared(tmp_path / "prepared", [rng.integers(0, 256, (500, 8, 8, 1), np.uint8)],
-                       rng.integers(0, 10, 500), image_shape=(8, 8, 1), source="test",
-                       shard_images=250)
+  writer.write_prepared(tmp_path / "prepared", [rng.integers(0, 256, (500, 8, 8, 1), np.uint8)],
+                        rng.integers(0, 10, 500), image_shape=(8, 8, 1), source="test",
+                        shard_images=250)
   shard = tmp_path / "prepared" / "images-00001-of-00002.npy"
   config = tiny_config()
   config.data.extra, config.data.extra_fraction = (os.fspath(tmp_path / "prepared"),), 0.5

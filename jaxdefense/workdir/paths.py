@@ -3,19 +3,27 @@
 A workdir is a local path (relative, `~`, or through a symlink) or a remote URL such as
 `gs://bucket/run` on Cloud TPU. `resolve` makes a local one absolute once, where a run
 starts (orbax refuses relative checkpoint paths), and leaves a remote one as given. Every
-output goes through `etils.epath`, and whole files are written atomically: to a temporary
-name beside the target, then renamed over it, so a reader (or a killed run) never sees
-half a file.
+output goes through `etils.epath`, and whole files are written atomically, so a reader (or a
+killed run) never sees half a file: on a local disk to a temporary name beside the target,
+then renamed over it; on an object store in one upload (an object appears only once whole).
+
+gs:// goes through gcsfs, whose default filesystem (2026.3 on) asks each bucket's storage
+layout over gRPC before its calls, again at every call when that fails (no permission for
+it, no gRPC route, an emulator), each time with a warning. jaxdefense needs none of what it
+detects (zonal appends, hierarchical-namespace folder renames: it writes whole objects), so
+it sets gcsfs's own switch GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read when gcsfs is
+imported, unless the environment sets it (true for a zonal bucket).
 """
 from __future__ import annotations
 
-import io
 import os
 import uuid
 
 from etils import epath
 
 from jaxdefense import errors
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def is_remote(path: epath.PathLike) -> bool:
@@ -31,8 +39,12 @@ def resolve(path: epath.PathLike) -> epath.Path:
 
 
 def write_bytes(path: epath.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` atomically (temporary file, then rename), creating parents."""
+  """Writes `data` to `path` atomically: in one upload to an object store; to a local disk
+  as a temporary file renamed over it, creating parents."""
   path = epath.Path(path)
+  if is_remote(path):
+    path.write_bytes(data)
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
   tmp.write_bytes(data)
@@ -46,25 +58,20 @@ def write_text(path: epath.PathLike, text: str) -> None:
 
 def check_writable(directory: epath.PathLike) -> None:
   """RunError naming `directory` unless it is (or can be made) a directory that takes a
-  file: checked where a run starts, before any data is loaded."""
+  file: checked where a run starts, before any data is loaded. On an object store, where a
+  prefix exists only once an object is under it, unless it is not an object itself and an
+  object can be written and deleted under it."""
   directory = epath.Path(directory)
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    if not directory.is_dir():
+    if not is_remote(directory):
+      directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
       raise NotADirectoryError(f"{directory} is a file")
     probe = directory / f".write-test-{uuid.uuid4().hex}"
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise errors.RunError(f"workdir {directory} is not a writable directory: {e}") from e
-
-
-def write_png(fig, path: epath.PathLike) -> epath.Path:
-  """A matplotlib figure, laid out, written as a PNG through epath, then closed."""
-  import matplotlib.pyplot as plt
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=100)
-  plt.close(fig)
-  write_bytes(path, png.getvalue())
-  return epath.Path(path)
+    reason = ("its bucket does not exist; create it or use another --workdir"
+              if is_remote(directory) and isinstance(e, FileNotFoundError)
+              else " ".join(str(e).split()))  # gcsfs's messages span lines.
+    raise errors.RunError(f"workdir {directory} is not a writable directory: {reason}") from e
