@@ -4,10 +4,10 @@ XLA CPU runs a convolution fast (Eigen) only in the canonical layout: NHWC input
 kernel, NHWC output. Two things take convolutions out of it (benchmarks/RESULTS.md):
 - its ConvCanonicalization pass rewrites only a program's entry computation, so the input
   gradient JAX's autodiff emits (kernel in/out dimensions swapped) runs as a naive loop nest
-  inside a `while` body: PGD-10 in `lax.fori_loop` took 3.3x the unrolled loop's time;
+  inside a `while` body, so an attack in `lax.fori_loop` ran several times slower than
+  unrolled;
 - its algebraic simplifier swaps the operands of a convolution whose input is smaller than
-  the kernel (VGG-16's 2x2 last stage on 32x32 images), again a naive loop nest: VGG-16's
-  forward pass took 8x its due time.
+  the kernel (VGG-16's 2x2 last stage on 32x32 images), again a naive loop nest.
 
 `conv_general_dilated` computes the same function with a custom VJP whose input gradient is
 a canonical convolution: the output gradient dilated by the stride, convolved with the

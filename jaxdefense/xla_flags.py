@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 # Convolutions through Eigen rather than YNNPACK, jaxlib 0.10's default for them (dots keep
-# YNNPACK): the ResNet-18 + FSR PGD-10 training step runs about 1.3x faster on 2 cores.
+# YNNPACK): the training step runs faster (benchmarks/RESULTS.md, "CPU investigation").
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 # The jaxlib versions [first, last) that know these flags: XLA aborts on an unknown flag.
 JAXLIB_VERSIONS = ((0, 9), (0, 11))

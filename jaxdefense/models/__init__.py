@@ -4,7 +4,8 @@
 
 with NHWC images in [0, 1] and returns a `ModelOutput` (main logits + named auxiliary
 logits of the hosted defense). Training mode needs `mutable=["batch_stats"]`, labels when
-the defense is CAS, and an rng stream `"gumbel"` when it is FSR.
+the defense is CAS or CIFS (their training-mode masks use them), and an rng stream
+`"gumbel"` when it is FSR.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from jaxdefense import defenses
 from jaxdefense.models import resnet, vgg, wide_resnet
 from jaxdefense.models.common import ModelOutput, check_images, check_labels
 
+DTYPES = ("float32", "bfloat16")  # Compute dtypes (config.model.dtype); params stay float32.
 ARCHITECTURES = {
     "resnet": resnet.ResNet,
     "resnet18": resnet.ResNet18,
