@@ -73,3 +73,21 @@ def test_gcsfs_is_its_plain_filesystem_unless_the_environment_asks_otherwise():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == module, out.stderr
+
+
+def test_epath_reaches_buckets_through_gcsfs_even_where_tensorflow_is_importable(tmp_path):
+  """With a stand-in `tensorflow` package importable, etils.epath would pick tf.io.gfile for
+  gs:// paths; importing jaxdefense's paths keeps it on gcsfs (EPATH_USE_TF=false), unless
+  the user's environment sets EPATH_USE_TF."""
+  (tmp_path / "tensorflow").mkdir()
+  (tmp_path / "tensorflow" / "__init__.py").write_text("")
+  script = ("import jaxdefense.workdir.paths; from etils.epath import gpath; "
+            "print(gpath._is_tf_installed())")
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+  for setting, uses_tf in ((None, "False"), ("true", "True")):
+    if setting:
+      env["EPATH_USE_TF"] = setting
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == uses_tf, out.stderr

@@ -12,7 +12,11 @@ layout over gRPC before its calls, again at every call when that fails (no permi
 it, no gRPC route, an emulator), each time with a warning. jaxdefense needs none of what it
 detects (zonal appends, hierarchical-namespace folder renames: it writes whole objects), so
 it sets gcsfs's own switch GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read when gcsfs is
-imported, unless the environment sets it (true for a zonal bucket).
+imported, unless the environment sets it (true for a zonal bucket). Where TensorFlow is
+importable, etils.epath would serve gs:// through tf.io.gfile instead: EPATH_USE_TF=false
+(unless set) keeps one backend everywhere, gcsfs, the one the extra data's concurrent range
+reads need, the one tested against a storage server, and the one that honours
+STORAGE_EMULATOR_HOST (tf.io.gfile asks www.googleapis.com whatever it says).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from etils import epath
 from jaxdefense import errors
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 
 def is_remote(path: epath.PathLike) -> bool:
