@@ -49,8 +49,9 @@ def _assert_same(a_path, b_path, rtol=1e-4, atol=1e-5):
 CASES = ("fsr", "pgd_at"), ("cas", "trades"), ("cifs", "pgd_at")
 # Absolute tolerance per case on the updated state. CIFS's mask is a softmax over its
 # probes' logits: the reordered float sums of the 8-device step (~1e-7 relative) grow
-# through it and the attack's steps to 6e-5 in the updated kernels on a 2-core AMD EPYC
-# (below 1e-5 on a Xeon): XLA's CPU kernels differ by instruction set, so CIFS gets 3e-4.
+# through it and the attack's steps to 6e-5 in the updated kernels on a 2-core Intel Xeon
+# (below 1e-5 on the CPUs the suite passed on before): XLA's CPU kernels differ by
+# instruction set, so CIFS gets 3e-4.
 ATOL = {"cifs": 3e-4}
 
 
