@@ -29,10 +29,11 @@ KEPT = kept_checkpoints(tiny_config())
 LAST, PREVIOUS = KEPT[-1], KEPT[-2]
 
 
-def _largest_array_file(step_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir / "state") for f in names
-           if os.sep + "d" + os.sep in os.path.join(d, f)]
-  return max(files, key=os.path.getsize)
+def _array_files(step_dir):
+  """The files holding a checkpoint's arrays (orbax's OCDBT data files): which of them holds
+  the weights and which the optimizer state varies from save to save."""
+  return [os.path.join(d, f) for d, _, names in os.walk(step_dir / "state") for f in names
+          if os.sep + "d" + os.sep in os.path.join(d, f)]
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +52,17 @@ def _copy(trained, tmp_path):
   return config.copy_and_resolve_references(), tmp_path / "run"
 
 
-@pytest.mark.parametrize("damage", ["truncate an array file", "delete state/_METADATA"])
+@pytest.mark.parametrize("damage", ["truncate the array files", "delete state/_METADATA"])
 def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path, capsys,
                                                                  damage):
   """Eval names the damaged step and evaluates the previous one (moving nothing); training
   resumes from the previous one, moves the damaged step to checkpoints_damaged/ and ends
   where an undamaged run ends."""
   config, run = _copy(trained, tmp_path)
-  if damage.startswith("truncate"):
-    path = _largest_array_file(run / "checkpoints" / str(LAST))
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
+  if damage.startswith("truncate"):  # All of them: evaluation reads only the weights.
+    for path in _array_files(run / "checkpoints" / str(LAST)):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
   else:
     os.remove(run / "checkpoints" / str(LAST) / "state" / "_METADATA")
   config.eval.attacks, config.eval.num_examples, config.eval.batch_size = ("fgsm",), 24, 24
