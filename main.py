@@ -48,7 +48,7 @@ def main(argv):
   unused = parallel.unused_accelerator(jax.default_backend())
   if unused and jax.process_index() == 0:
     print(unused, file=sys.stderr, flush=True)
-  with cli.faults_as_one_line():
+  with cli.faults_as_one_line(FLAGS.workdir):
     if FLAGS.mode == "train":
       from jaxdefense.training import train
       result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -60,13 +60,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def faults_as_one_line() -> Iterator[None]:
-  """Runs the body; a RunError, or an I/O failure anywhere in an exception's cause chain
-  (`errors.as_run_error`), ends the program with one line and its exit code."""
+def faults_as_one_line(workdir: str | None = None) -> Iterator[None]:
+  """Runs the body; a RunError, or an I/O failure or Cloud Storage's refusal anywhere in an
+  exception's cause chain (`errors.as_run_error`; a refusal names `workdir`), ends the
+  program with one line and its exit code."""
   try:
     yield
   except Exception as e:  # noqa: BLE001 (anything else is re-raised)
-    fault = errors.as_run_error(e)
+    fault = errors.as_run_error(e, workdir)
     if fault is None:
       raise
     print(f"error: {fault}", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 server (fake-gcs-server) that delays every chunk a client sends by `latency_s` (each HTTP
 request reaches the server that much later) and delivers the server's bytes at most
 `bandwidth` bytes/s over all connections together (one host's link), or, with `drop` set,
-resets every connection that sends anything (a connection dropped mid-run), or, with `answer`
+resets every connection that sends anything (a connection dropped mid-run; `drop_at` sets it
+once a client sends those bytes, e.g. a request naming an object), or, with `answer`
 set, answers requests itself with an HTTP error and a Cloud Storage JSON error body (access
 denied: 403, no valid credentials: 401), those of `answer_methods` only if given.
 
@@ -37,6 +38,7 @@ class Proxy:
   latency_s: float
   bandwidth: float
   drop: bool = False
+  drop_at: bytes | None = None  # Sets `drop` (and is cleared) once a client sends these bytes.
   answer: tuple[int, str] | None = None  # (HTTP status, message) of the requests answered.
   answer_methods: frozenset[str] | None = None  # Those answered (None: every request).
   link_free: float = 0.0  # When the link has delivered everything queued on it.
@@ -136,6 +138,8 @@ class _Client(asyncio.Protocol):
         lambda task: task.cancelled() or task.exception() is None or transport.abort())
 
   def data_received(self, data: bytes) -> None:
+    if self.proxy.drop_at is not None and self.proxy.drop_at in data:
+      self.proxy.drop, self.proxy.drop_at = True, None
     if self.proxy.drop:
       self.transport.abort()
       if self.to_server.sink is not None:

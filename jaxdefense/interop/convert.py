@@ -342,7 +342,7 @@ def main(argv: list[str]) -> None:
           file=sys.stderr, flush=True)
     sys.exit(errors.ConfigError.exit_code)
   cli.quiet_logging()
-  with cli.faults_as_one_line():
+  with cli.faults_as_one_line(flag_values.workdir):
     if argv[1] == "import":
       directory = import_torch(flag_values.config, flag_values.workdir, flag_values.layout,
                                flag_values.torch)

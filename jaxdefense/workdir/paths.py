@@ -16,10 +16,13 @@ imported, unless the environment sets it (true for a zonal bucket). Where Tensor
 importable, etils.epath would serve gs:// through tf.io.gfile instead: EPATH_USE_TF=false
 (unless set) keeps one backend everywhere, gcsfs, the one the extra data's concurrent range
 reads need, the one tested against a storage server, and the one that honours
-STORAGE_EMULATOR_HOST (tf.io.gfile asks www.googleapis.com whatever it says).
+STORAGE_EMULATOR_HOST (tf.io.gfile asks www.googleapis.com whatever it says). gcsfs logs,
+with its traceback, each request error it then raises (refused, or out of retries); those
+logs are dropped: the error raised is reported (one line where it is a fault of the run).
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -29,6 +32,16 @@ from jaxdefense import errors
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("EPATH_USE_TF", "false")
+
+
+class _DropRaisedRequestErrors(logging.Filter):
+  """Drops gcsfs's log of a request error it then raises (module docstring)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.funcName != "retry_request"
+
+
+logging.getLogger("gcsfs").addFilter(_DropRaisedRequestErrors())
 
 
 def is_remote(path: epath.PathLike) -> bool:
@@ -65,7 +78,8 @@ def check_writable(directory: epath.PathLike) -> None:
   """RunError naming `directory` unless it is (or can be made) a directory that takes a
   file: checked where a run starts, before any data is loaded. On an object store, where a
   prefix exists only once an object is under it, unless it is not an object itself and an
-  object can be written and deleted under it."""
+  object can be written and deleted under it; Cloud Storage refusing the run's credentials
+  or permissions is a WorkdirError saying what to do (`errors.storage_refusal`)."""
   directory = epath.Path(directory)
   try:
     if not is_remote(directory):
@@ -75,7 +89,12 @@ def check_writable(directory: epath.PathLike) -> None:
     probe = directory / f".write-test-{uuid.uuid4().hex}"
     probe.write_text("")
     probe.unlink()
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001  (an OSError, or a refusal by Cloud Storage)
+    refused = errors.storage_refusal(e, directory)
+    if refused is not None:
+      raise refused from e
+    if not isinstance(e, OSError):
+      raise
     reason = ("its bucket does not exist; create it or use another --workdir"
               if is_remote(directory) and isinstance(e, FileNotFoundError)
               else " ".join(str(e).split()))  # gcsfs's messages span lines.
