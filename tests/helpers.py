@@ -39,13 +39,18 @@ def tiny_config(defense: str = "none", objective: str = "pgd_at") -> ml_collecti
   """A new copy of the quick-start config with TINY_OVERRIDES (callers may change it)."""
   c = load_config("quickstart", defense)
   c.objective.name = objective
-  for key, value in TINY_OVERRIDES.items():
+  return override(c, TINY_OVERRIDES)
+
+
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """`config` with each dotted field of `values` set (as --config.FIELD=VALUE would)."""
+  for key, value in values.items():
     *parents, leaf = key.split(".")
-    node = c
+    node = config
     for parent in parents:
       node = node[parent]
     node[leaf] = value
-  return c
+  return config
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -28,6 +28,8 @@ import sys
 import threading
 from typing import Iterator
 
+from tests import storage_server
+
 _HIGH_WATER = 4 * 2**20  # Bytes queued towards one side before the other side is paused.
 
 
@@ -228,12 +230,7 @@ def process(upstream_port: int, *, latency_s: float, bandwidth: float) -> Iterat
       raise RuntimeError(f"the latency proxy did not start (exit {child.poll()})")
     yield f"http://127.0.0.1:{int(line)}"
   finally:
-    child.terminate()
-    try:
-      child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      child.kill()
-      child.wait()
+    storage_server.stop(child)
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ def _start(folder: str, port: int) -> subprocess.Popen:
          "-log-level", "warn"], stdout=log, stderr=log)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
+  """Ends `process`: SIGTERM, then SIGKILL after 10 s."""
   process.terminate()
   try:
     process.wait(timeout=10)
@@ -101,7 +102,7 @@ def running(timeout: float = 30) -> Iterator[str]:
         time.sleep(0.05)
       if process.poll() is None and _answers(url):
         break
-      _stop(process)
+      stop(process)
     else:
       with open(os.path.join(folder, "server.log"), errors="replace") as log:
         raise RuntimeError(f"fake-gcs-server did not start on 127.0.0.1: {log.read()[-2000:]}")
@@ -109,6 +110,6 @@ def running(timeout: float = 30) -> Iterator[str]:
       _create_bucket(url, BUCKET)
       yield url
     finally:
-      _stop(process)
+      stop(process)
   finally:
     shutil.rmtree(folder, ignore_errors=True)

@@ -25,7 +25,8 @@ from jaxdefense.evaluation import evaluate
 from jaxdefense.training import train
 from jaxdefense.workdir import lock
 from tests import latency_proxy, storage_server
-from tests.helpers import ROOT, TINY, TINY_OVERRIDES, run_main, saved_state, tiny_config
+from tests.helpers import (ROOT, TINY, TINY_OVERRIDES, override, run_main, saved_state,
+                           tiny_config)
 
 # Config overrides on top of TINY. Training saves at every step and keeps two (and the best),
 # so that steps of the killed run and of the resumed one are deleted: retention on a bucket.
@@ -92,18 +93,6 @@ def _flags(overrides: dict) -> list[str]:
           for k, v in overrides.items()]
 
 
-def _config(overrides: dict):
-  """tiny_config (= TINY) with the overrides."""
-  config = tiny_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
 def test_a_run_killed_resumed_and_evaluated_in_a_bucket_equals_a_local_run(gcs_bucket,
                                                                             tmp_path):
   """main.py on --workdir=gs://BUCKET/run, a prefix with nothing under it: SIGKILLed once its
@@ -146,8 +135,8 @@ def test_a_run_killed_resumed_and_evaluated_in_a_bucket_equals_a_local_run(gcs_b
     assert not _noise(done.stderr), (done.args, _noise(done.stderr))
 
   local = tmp_path / "local"
-  train.train_and_evaluate(_config(RETENTION), local)
-  evaluate.run(_config(EVAL), local, which="latest")
+  train.train_and_evaluate(override(tiny_config(), RETENTION), local)
+  evaluate.run(override(tiny_config(), EVAL), local, which="latest")
 
   objects = _objects(run)
   steps = sorted({int(name.split("/")[1]) for name in objects if name.startswith("checkpoints/")})
@@ -251,7 +240,7 @@ def test_connections_dropped_during_checkpoint_saves_lose_nothing(storage_server
   assert resumed.returncode == 0 and not _noise(resumed.stderr), resumed.stderr[-3000:]
   assert f"resumed from step 2 in {run}\n" in resumed.stdout, resumed.stdout
   local = tmp_path / "local"
-  train.train_and_evaluate(_config(overrides), local)
+  train.train_and_evaluate(override(tiny_config(), overrides), local)
   objects = _objects(run)
   steps = sorted({name.split("/")[1] for name in objects if name.startswith("checkpoints/")})
   assert steps == sorted(os.listdir(local / "checkpoints"))

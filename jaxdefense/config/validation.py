@@ -19,6 +19,7 @@ from jaxdefense.data import batching
 from jaxdefense.evaluation import indicators, protocols
 from jaxdefense.attacks import auto_attack, common, losses
 from jaxdefense.training import objectives, optim, steps, train_state
+from jaxdefense.workdir import paths
 
 
 
@@ -103,8 +104,8 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   _choice("data.epoch_steps", d.epoch_steps, batching.EPOCH_STEPS)
   _integer("data.buffer_batches", d.buffer_batches, 1)
   _integer("data.read_concurrency", d.read_concurrency, 1)
-  if d.extra_cache_dir is not None and (not isinstance(d.extra_cache_dir, str)
-                                        or not d.extra_cache_dir or "://" in d.extra_cache_dir):
+  cache = d.extra_cache_dir
+  if cache is not None and (not isinstance(cache, str) or not cache or paths.is_remote(cache)):
     _fail("data.extra_cache_dir", d.extra_cache_dir, "must be a local directory")
   if d.extra:
     _as_config_error(batching.check_batch, config.train.batch_size, d.extra_fraction,

@@ -482,8 +482,9 @@ def open_sources(patterns: Sequence[str], *, image_shape: tuple[int, int, int],
   if cache_dir is not None:
     if paths.is_remote(cache_dir):
       raise errors.DataError(f"cache_dir={cache_dir} must be a local directory")
-    cache_dir = os.fspath(paths.resolve(cache_dir))
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir = paths.resolve(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = os.fspath(cache_dir)
   files: list[_Npz | _Prepared] = []
   remotes = _Remote(read_concurrency, cache_dir)
   try:
