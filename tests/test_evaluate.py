@@ -73,6 +73,17 @@ def test_eval_suite_on_a_trained_checkpoint(trained_fsr):
   assert r["eot"]["forward_passes"] == 96 * 20 * config.eval.eot_samples
   saved = json.load(open(os.path.join(workdir, "eval.json")))
   assert saved["results"]["worst_case"]["accuracy"] == r["worst_case"]["accuracy"]
+  # Per-point outcomes: each attack's flags average to its accuracy, the worst case is their
+  # AND, and the fingerprint is that of the first 96 test points.
+  robust = evaluate.robust_points(saved)
+  assert set(robust) == {"natural", "worst_case", *attacked}
+  for name, flags in robust.items():
+    assert flags.shape == (96,) and flags.mean() == pytest.approx(r[name]["accuracy"]), name
+  assert np.array_equal(robust["worst_case"], np.logical_and.reduce(list(robust.values())))
+  dataset = data.from_config(config)
+  assert saved["outcomes"]["fingerprint"] == evaluate.points_fingerprint(
+      dataset.test_images[:96], dataset.test_labels[:96])
+  assert evaluate.robust_points({"results": r}) is None  # Written before outcomes were.
   table = open(os.path.join(workdir, "eval.md")).read()
   for title in ("Natural", "FGSM", "PGD-20", "C&W", "AA", "Worst case"):
     assert f"| {title}" in table or f" {title} |" in table

@@ -86,8 +86,8 @@ def audit(config: ml_collections.ConfigDict, model, variables, images: np.ndarra
     costs[name] = {k: totals[k] for k in ("time_s", "forward_passes", "backward_passes")}
     return correct, per_point
 
-  aa = evaluate.evaluate(config, model, variables, images, labels, mesh, names=("autoattack",),
-                         progress=progress, record=record)
+  aa, _ = evaluate.evaluate(config, model, variables, images, labels, mesh,
+                            names=("autoattack",), progress=progress, record=record)
   natural = np.asarray(run("natural", lambda v, x, y, k, count: (
       *attacks.correct_points(model, v, x, y), {}), variables)[0])
   costs["autoattack"] = {k: aa["autoattack"][k]

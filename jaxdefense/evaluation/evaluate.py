@@ -8,10 +8,13 @@ batched and sharded over all devices. Each attack yields a per-point "still corr
 vector; the worst case is correct naturally and under every attack run (FSR's "Ensemble"
 under the fsr protocol). Results go to `DIR/eval.json` and the table to `DIR/eval.md`; an
 evaluation that ran AutoAttack also writes `DIR/robustbench.json` (`robustbench_record`).
+eval.json also holds every point's outcome under every attack (`outcomes`), so that
+`python -m jaxdefense.report` can compare two evaluations of the same points point by point.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import time
@@ -229,10 +232,12 @@ def autoattack_checks_of(attack: EvalAttack, model, variables, images: np.ndarra
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.ndarray,
              labels: np.ndarray, mesh, *, names: tuple[str, ...] | None = None,
-             progress: bool = True, record: Record = Record(None)) -> dict[str, Any]:
+             progress: bool = True, record: Record = Record(None)
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Per-attack and worst-case accuracy of `model` on (images, labels) (uint8 NHWC) under
   `names` (eval's protocol or attacks by default), `config` validated with them
-  (`setup.load`); (attack, batch) results found in `record` are taken from it, new ones
+  (`setup.load`), and per point whether it is robust (natural: correct) under each of
+  them, by name; (attack, batch) results found in `record` are taken from it, new ones
   added."""
   e = config.eval
   defense = defenses.from_config(config)
@@ -249,6 +254,7 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
                   "num_points": int(natural.size),
                   "non_finite_points": totals["non_finite_points"], "time_s": totals["time_s"]}}
   worst = natural.copy()
+  robust = {"natural": natural}
   for name in names:
     attack = suite[name]
     if not attack.applies(defense.name):
@@ -260,6 +266,7 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
     correct, totals, per_point = points(name, fn)
     correct &= natural  # Robust: correct naturally and under the attack.
     worst &= correct
+    robust[name] = correct
     results[name] = {"title": attack.title, "accuracy": float(correct.mean()),
                      "num_points": int(correct.size), "eps": e.eps, "norm": e.norm,
                      "seed": e.seed, **totals, **attack.report()}
@@ -275,7 +282,38 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, images: np.nda
   results["worst_case"] = {"title": protocols.worst_case_title(e),
                            "accuracy": float(worst.mean()), "num_points": int(worst.size),
                            "attacks": [n for n in names if "accuracy" in results[n]]}
-  return results
+  robust["worst_case"] = worst
+  return results, robust
+
+
+def points_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+  """The first 16 hex digits of the SHA-256 of the test points (uint8 images, then int64
+  labels): two evaluations with the same fingerprint attacked the same points in the same
+  order."""
+  digest = hashlib.sha256(np.ascontiguousarray(images, np.uint8).tobytes())
+  digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def outcomes_record(robust: dict[str, np.ndarray], images: np.ndarray,
+                    labels: np.ndarray) -> dict[str, Any]:
+  """eval.json's `outcomes`: the points' count and fingerprint, and per attack name the
+  points' robust flags as hex of `np.packbits` (point i is bit i, most significant
+  first; `robust_points` reads them back)."""
+  return {"points": int(len(labels)), "fingerprint": points_fingerprint(images, labels),
+          "robust": {name: np.packbits(np.asarray(flags, bool)).tobytes().hex()
+                     for name, flags in robust.items()}}
+
+
+def robust_points(report: dict[str, Any]) -> dict[str, np.ndarray] | None:
+  """Per attack name the points' robust flags in an eval.json `report`; None for an
+  evaluation written before eval.json held them."""
+  outcomes = report.get("outcomes")
+  if outcomes is None:
+    return None
+  n = outcomes["points"]
+  return {name: np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8), count=n
+                              ).astype(bool) for name, text in outcomes["robust"].items()}
 
 
 def markdown_table(results: dict[str, Any], caption: str) -> str:
@@ -328,12 +366,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, which: str =
     print(f"evaluating {which} checkpoint (step {s.step}) of {s.workdir} on {len(s.labels)} "
           f"{s.dataset.name} test points, eps {e.eps:.4f} {norm_title}"
           + (" (resuming: finished batches reused)" if progress.exists() else ""), flush=True)
-  results = evaluate(config, s.model, s.variables, s.images, s.labels, s.mesh,
-                     record=Record(progress))
+  results, robust = evaluate(config, s.model, s.variables, s.images, s.labels, s.mesh,
+                             record=Record(progress))
   report = {"config": config.name, "checkpoint": which, "step": s.step,
             "defense": config.defense.name, "arch": config.model.arch, "data": s.dataset.name,
             "eps": e.eps, "norm": e.norm, "protocol": e.protocol, "dtype": s.dtype,
-            "results": results}
+            "results": results, "outcomes": outcomes_record(robust, s.images, s.labels)}
   if jax.process_index() == 0:
     paths.write_text(s.workdir / "eval.json", json.dumps(report, indent=2))
     eps = f"{255 * e.eps:g}/255" if e.norm == "linf" else f"{e.eps:g}"

@@ -24,7 +24,7 @@ def available(what: str) -> bool:
   return True
 
 
-def _figure(width: float, height: float, columns: int = 1):
+def new_figure(width: float, height: float, columns: int = 1):
   """A figure of `columns` axes side by side, on an Agg canvas; (figure, axes)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -46,7 +46,7 @@ def audit_curves(curves: dict[str, Any], title: str, autoattack: float):
   """Robust accuracy (%) against eps, iterations and restarts side by side, the counts run
   as the ticks of the two log-scaled count axes, and AutoAttack's robust accuracy
   (`autoattack`, a fraction) a labelled reference line on those two panels."""
-  figure, axes = _figure(12, 3.4, columns=3)
+  figure, axes = new_figure(12, 3.4, columns=3)
   for ax, (key, label) in zip(axes, (("eps", "eps"), ("iterations", "attack iterations"),
                                      ("restarts", "random restarts"))):
     entry = curves[key]
@@ -71,7 +71,7 @@ def _sorted_bars(natural: np.ndarray, adversarial: np.ndarray, attack: str, *, x
                  ylabel: str, title: str, colors: tuple[str | None, str | None] = (None, None),
                  alphas: tuple[float, float] = (0.7, 0.7)):
   """Natural and adversarial bars per channel, channels sorted by the natural value."""
-  figure, ax = _figure(8, 3)
+  figure, ax = new_figure(8, 3)
   order = np.argsort(-natural, kind="stable")
   for values, name, color, alpha in zip((natural, adversarial), ("natural", attack), colors,
                                         alphas):

@@ -74,10 +74,10 @@ def write_text(path: epath.PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
-def check_writable(directory: epath.PathLike) -> None:
-  """RunError naming `directory` unless it is (or can be made) a directory that takes a
-  file: checked where a run starts, before any data is loaded. On an object store, where a
-  prefix exists only once an object is under it, unless it is not an object itself and an
+def check_writable(directory: epath.PathLike, what: str = "workdir") -> None:
+  """RunError naming `directory` (as `what`) unless it is (or can be made) a directory that
+  takes a file: checked where a run starts, before any data is loaded. On an object store,
+  where a prefix exists only once an object is under it, unless it is not an object itself and an
   object can be written and deleted under it; Cloud Storage refusing the run's credentials
   or permissions is a WorkdirError saying what to do (`errors.storage_refusal`)."""
   directory = epath.Path(directory)
@@ -98,4 +98,4 @@ def check_writable(directory: epath.PathLike) -> None:
     reason = ("its bucket does not exist; create it or use another --workdir"
               if is_remote(directory) and isinstance(e, FileNotFoundError)
               else " ".join(str(e).split()))  # gcsfs's messages span lines.
-    raise errors.RunError(f"workdir {directory} is not a writable directory: {reason}") from e
+    raise errors.RunError(f"{what} {directory} is not a writable directory: {reason}") from e
