@@ -1,24 +1,26 @@
 r"""The README's digits table: each defense trained with several seeds, evaluated under one protocol.
 
-    python benchmarks/digits_seeds.py                     # none, cas, fsr x seeds 0 1 2
+    python benchmarks/digits_seeds.py --defenses=none,cas,fsr,cifs   # seeds 0 1 2
     python benchmarks/digits_seeds.py --defenses=none,cifs --seeds=0 --num_examples=60
 
 For every defense and seed it trains `configs/quickstart.py:DEFENSE` with `--config.seed=S`
 into `WORKDIR/DEFENSE_sS`, evaluates the last checkpoint with `--config.eval.protocol` (the
-attack seed is the training seed) on the first `--num_examples` test points, and prints a
-markdown table of mean +- sample standard deviation over the seeds per attack. Finished
-trainings and evaluations (same protocol and points) are reused, so an interrupted run
-resumes where it stopped.
+attack seed is the training seed) on the first `--num_examples` test points, then writes
+`python -m jaxdefense.report`'s report of those workdirs against `--baseline` into
+`--output` (default WORKDIR/report) and prints its table. Finished trainings and
+evaluations (same protocol and points) are reused, so an interrupted run resumes where it
+stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from jaxdefense.report import files, runs, summary, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,7 @@ def _evaluated(workdir: Path, protocol: str, num_examples: int) -> dict | None:
     return None
   report = json.loads(path.read_text())
   results = report["results"]
-  same = (report.get("protocol") == protocol
+  same = (report.get("protocol") == protocol and "outcomes" in report
           and results["natural"]["num_points"] == num_examples)
   return report if same else None
 
@@ -58,39 +60,7 @@ def run_one(workdir: Path, defense: str, seed: int, protocol: str, num_examples:
     report = _evaluated(workdir, protocol, num_examples)
   print(f"{defense} seed {seed}: train {trained - started:.0f} s, eval "
         f"{time.time() - trained:.0f} s", flush=True)
-  report["training"] = json.loads((workdir / "results.json").read_text())
   return report
-
-
-def _cell(values: list[float]) -> str:
-  if not values:
-    return "n/a"
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def table(reports: dict[str, list[dict]]) -> str:
-  """Mean +- sample std (%) over the seeds; one row per defense: the training run's final
-  natural and in-training PGD accuracy on all test points, then each attack's."""
-  columns: dict[str, str] = {}
-  for runs in reports.values():
-    for name, r in runs[0]["results"].items():
-      columns.setdefault(name, r["title"])
-  columns["worst_case"] = columns.pop("worst_case")  # Last, after every defense's attacks.
-  lines = ["| defense | Natural (all) | in-training PGD (all) | "
-           + " | ".join(columns.values()) + " |", "|---|" + "---|" * (len(columns) + 2)]
-  for defense, runs in reports.items():
-    label = defense if len(runs) == max(map(len, reports.values())) else \
-        f"{defense} ({len(runs)} seeds: {', '.join(str(r['seed']) for r in runs)})"
-    cells = [_cell([100 * run["training"]["natural_accuracy"] for run in runs]),
-             _cell([100 * run["training"]["robust_accuracy"] for run in runs])]
-    for name in columns:
-      values = [100 * run["results"][name]["accuracy"] for run in runs
-                if "accuracy" in run["results"].get(name, {})]
-      cells.append(_cell(values))
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def main() -> None:
@@ -101,24 +71,28 @@ def main() -> None:
   p.add_argument("--num_examples", type=int, default=120)
   p.add_argument("--batch_size", type=int, default=120)
   p.add_argument("--workdir", default="workdirs/seeds")
-  p.add_argument("--json", help="also write every run's eval.json results here")
+  p.add_argument("--baseline", default="defense=none",
+                 help="the report's --baseline (FIELD=VALUE)")
+  p.add_argument("--output", help="the report's directory (default WORKDIR/report)")
   p.add_argument("--only_finished", action="store_true",
-                 help="tabulate the finished runs only; start none")
+                 help="report the finished runs only; start none")
   a = p.parse_args()
   root = Path(a.workdir).resolve()
-  reports: dict[str, list[dict]] = {}
+  finished = []
   for defense in a.defenses.split(","):
     for seed in (int(s) for s in a.seeds.split(",")):
-      report = run_one(root / f"{defense}_s{seed}", defense, seed, a.protocol,
-                       a.num_examples, a.batch_size, only_finished=a.only_finished)
-      if report is not None:
-        report["seed"] = seed
-        reports.setdefault(defense, []).append(report)
+      workdir = root / f"{defense}_s{seed}"
+      if run_one(workdir, defense, seed, a.protocol, a.num_examples, a.batch_size,
+                 only_finished=a.only_finished) is not None:
+        finished.append(str(workdir))
+  found, left_out = runs.read_all(finished)
+  report = summary.build(found, left_out, a.baseline)
+  output = a.output or str(root / "report")
+  files.write(report, output)
   print(f"\n{a.num_examples} test points, protocol {a.protocol}, seeds {a.seeds}; "
-        "accuracy (%), mean ± sample std over the seeds\n")
-  print(table(reports))
-  if a.json:
-    Path(a.json).write_text(json.dumps(reports, indent=2))
+        f"report in {output}")
+  for section in report.sections:
+    print("\n" + "\n".join(tables.main_table(report, section)))
 
 
 if __name__ == "__main__":

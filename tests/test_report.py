@@ -283,7 +283,28 @@ def test_command_line_writes_the_report_and_says_what_it_left_out(tmp_path, grid
   assert md in result.stdout
 
 
+def test_workdirs_and_report_in_a_bucket(tmp_path, grid, gcs_bucket):
+  """Runs in a bucket (the storage server the tests start), named by a quoted pattern; the
+  report written to the bucket equals the one written from local copies to a local disk,
+  but for the workdirs' names."""
+  from etils import epath
+  for local in grid:
+    for name in os.listdir(local):
+      epath.Path(f"{gcs_bucket}/runs/{os.path.basename(local)}/{name}").write_bytes(
+          open(os.path.join(local, name), "rb").read())
+  result = _main(f"{gcs_bucket}/runs/*", "--baseline=defense=none",
+                 f"--output={gcs_bucket}/report")
+  assert result.returncode == 0, result.stderr
+  assert _main(*grid, "--baseline=defense=none", f"--output={tmp_path}/report").returncode == 0
+  remote = epath.Path(f"{gcs_bucket}/report/report.md").read_text()
+  local = (tmp_path / "report" / "report.md").read_text()
+  assert remote.replace(f"{gcs_bucket}/runs/", "") == local.replace(f"{tmp_path}/", "")
+  assert sorted(p.name for p in epath.Path(f"{gcs_bucket}/report").iterdir()) == [
+      "report.csv", "report.md", "report.tex", "robust_accuracy.png"]
+
+
 BAD = [
+    ([], "Flag --output must have a value other than None"),
     (["--baseline=defense"], "--baseline=defense: expected FIELD=VALUE"),
     (["--baseline=defense=none", "--confidence=1.5"], "--confidence=1.5: must be in (0, 1)"),
 ]
@@ -291,11 +312,11 @@ BAD = [
 
 @pytest.mark.parametrize("flags_,message", BAD)
 def test_bad_flags_are_one_line_before_any_work(tmp_path, grid, flags_, message):
-  result = _main(*grid[:2], *flags_, f"--output={tmp_path / 'out'}")
+  output = [f"--output={tmp_path / 'out'}"] if flags_ else []
+  result = _main(*grid[:2], *flags_, *output)
   assert result.returncode == 2
-  assert result.stderr.strip() == f"error: {message}" or result.stderr.strip().startswith(
-      f"error: {message}"), result.stderr
-  assert len(result.stderr.strip().splitlines()) == 1
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and message in line, line
   assert not (tmp_path / "out" / "report.md").exists()
 
 
@@ -307,8 +328,65 @@ def test_baseline_matching_no_run_still_writes_the_report(tmp_path, grid):
                                    "values: cas, none)")
   assert "No paired comparison: --baseline: no run has defense=fsr" in (out / "report.md"
                                                                          ).read_text()
+  result = _main(f"--output={out}")
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: no WORKDIR given; usage: python -m "
+                                   "jaxdefense.report WORKDIR... --output=DIR "
+                                   "[--baseline=FIELD=VALUE]")
   result = _main(tmp_path / "nothing", f"--output={out}")
   assert result.returncode == 2
   assert result.stderr.splitlines() == [
       f"left out: {tmp_path / 'nothing'}: no such directory",
       "error: no workdir could be reported (each is listed above)"]
+
+
+def test_trained_and_evaluated_runs_through_main_py(tmp_path):
+  """Real runs: the tiny quick start, none and CAS, two seeds each, trained and evaluated by
+  main.py's code; the report's per-run accuracies are eval.json's and the paired test uses
+  the outcomes the evaluation recorded (one section: the same points)."""
+  from jaxdefense.evaluation import evaluate
+  from jaxdefense.training import train
+  from tests.helpers import override, tiny_config
+  workdirs = []
+  for defense in ("none", "cas"):
+    for seed in (0, 1):
+      config = override(tiny_config(defense), {"seed": seed, "train.epochs": 1,
+                                               "eval.attacks": ("fgsm",), "eval.seed": seed})
+      workdir = tmp_path / f"{defense}_s{seed}"
+      train.train_and_evaluate(config, workdir)
+      evaluate.run(config, workdir, which="latest")
+      workdirs.append(workdir)
+  out = tmp_path / "report"
+  result = _main(*workdirs, "--baseline=defense=none", f"--output={out}")
+  assert result.returncode == 0, result.stderr
+  rows = list(csv.DictReader(open(out / "report.csv")))
+  cas = {r["column"]: r for r in rows if r["group"] == "defense=cas"}
+  accuracies = [json.load(open(w / "eval.json"))["results"]["fgsm"]["accuracy"]
+                for w in workdirs[2:]]
+  assert float(cas["fgsm"]["mean"]) == pytest.approx(np.mean(accuracies))
+  pairs = [[evaluate.robust_points(json.load(open(w / "eval.json")))["fgsm"]
+            for w in ws] for ws in (workdirs[2:], workdirs[:2])]
+  assert float(cas["fgsm"]["p_value"]) == pytest.approx(
+      significance.compare(*pairs).p_value)
+  assert int(cas["fgsm"]["point_pairs"]) == 2 * 48
+
+
+def test_digits_seeds_tables_its_runs_through_the_report(tmp_path):
+  """benchmarks/digits_seeds.py --only_finished on finished runs: the report's files in
+  WORKDIR/report and its main table printed, CAS compared with the undefended runs."""
+  rng = np.random.default_rng(3)
+  for defense in ("none", "cas"):
+    for seed in (0, 1):
+      write_run(tmp_path / f"{defense}_s{seed}", seed=seed, config={"defense.name": defense},
+                robust={"natural": flags(rng, 0.9), "pgd20": flags(rng, 0.5)})
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "digits_seeds.py"), "--only_finished",
+       "--defenses=none,cas,fsr", "--seeds=0,1", "--num_examples=40",
+       f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert result.returncode == 0, result.stderr
+  report = (tmp_path / "report" / "report.md").read_text()
+  table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+  assert len(table) == 3 and table[0].startswith("| group | seeds |")
+  assert "Worst case vs defense=none" in table[0]
+  assert all(line in report for line in table)
+  assert table[2].startswith("| defense=cas | 0, 1 |") and "p = " in table[2]

@@ -18,8 +18,7 @@ import sys
 from absl import app, flags
 
 from jaxdefense import cli, errors
-from jaxdefense.evaluation import plotting
-from jaxdefense.report import figures, grouping, runs, summary, tables
+from jaxdefense.report import files, grouping, runs, summary, tables
 from jaxdefense.workdir import paths
 
 FLAGS = flags.FLAGS
@@ -31,18 +30,6 @@ flags.DEFINE_string("baseline", None,
 flags.DEFINE_float("confidence", 0.95, "Level of the differences' intervals, in (0, 1).")
 flags.mark_flags_as_required(["output"])
 USAGE = "python -m jaxdefense.report WORKDIR... --output=DIR [--baseline=FIELD=VALUE]"
-GLOB = set("*?[")
-
-
-def expand(argument: str) -> list[str] | runs.LeftOut:
-  """The workdirs an argument names: itself, or the directories its pattern matches."""
-  if not GLOB & set(argument):
-    return [argument]
-  cut = argument[:min(argument.index(c) for c in GLOB if c in argument)].rfind("/")
-  base, pattern = (argument[:cut], argument[cut + 1:]) if cut >= 0 else (".", argument)
-  root = paths.resolve(base)
-  found = sorted(str(p) for p in root.glob(pattern) if p.is_dir()) if root.exists() else []
-  return found or runs.LeftOut(argument, "the pattern matches no directory")
 
 
 def main(argv: list[str]) -> None:
@@ -57,15 +44,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.baseline:
       grouping.parse_baseline(FLAGS.baseline)  # A malformed one stops here.
     paths.check_writable(FLAGS.output, what="--output")
-    found, left_out = [], []
-    for argument in dict.fromkeys(argv[1:]):
-      expanded = expand(argument)
-      if isinstance(expanded, runs.LeftOut):
-        left_out.append(expanded)
-        continue
-      for workdir in expanded:
-        run = runs.read(workdir)
-        (left_out if isinstance(run, runs.LeftOut) else found).append(run)
+    found, left_out = runs.read_all(argv[1:])
     report = summary.build(found, left_out, FLAGS.baseline, FLAGS.confidence)
     for item in report.left_out:
       print(f"left out: {item.line()}", file=sys.stderr, flush=True)
@@ -73,21 +52,9 @@ def main(argv: list[str]) -> None:
       print(f"no comparison: {report.baseline_problem}", file=sys.stderr, flush=True)
     if not found:
       raise errors.DataError("no workdir could be reported (each is listed above)")
-    output = paths.resolve(FLAGS.output)
-    text = tables.markdown(report)
-    paths.write_text(output / "report.md", text)
-    paths.write_text(output / "report.csv", tables.csv_text(report))
-    paths.write_text(output / "report.tex", tables.latex(report))
-    if plotting.available("report plots"):
-      for i, s in enumerate(report.sections):
-        name = "robust_accuracy.png" if len(report.sections) == 1 else \
-            f"robust_accuracy_{i + 1}.png"
-        plotting.write_png(figures.robust_accuracy(s), output / name)
-      curves = figures.training_curves(report.sections)
-      if curves is not None:
-        plotting.write_png(curves, output / "training_curves.png")
-    print(text, flush=True)
-    print(f"wrote {output}/report.md, report.csv, report.tex and the plots", flush=True)
+    written = files.write(report, FLAGS.output)
+    print(tables.markdown(report), flush=True)
+    print(f"wrote {', '.join(str(p) for p in written)}", flush=True)
 
 
 if __name__ == "__main__":

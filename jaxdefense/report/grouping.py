@@ -6,7 +6,8 @@
   compared; a run whose attack settings differ from its section's is left out.
 - A **group** is a section's runs whose experiments agree: the config fields (`config.json`)
   that differ between the runs given, less the seed and `NOT_THE_EXPERIMENT`, and the
-  checkpoint evaluated. Its runs are replicates, one per seed.
+  checkpoint evaluated. Its runs are replicates, one per seed. Groups are in the order of
+  their values, whatever the order of the workdirs given.
 - The **baseline** (`--baseline=FIELD=VALUE[,...]`) of a group is the group of its section
   that has those values and agrees with it on every other differing field.
 """
@@ -162,8 +163,8 @@ def _section(evaluation: Evaluation, runs: list[Run], fields: list[str]
       titles.setdefault(name, r["title"])
   titles["worst_case"] = titles.pop("worst_case")  # Last, after every attack.
   order = [n for n in titles if n in majority]
-  return Section(evaluation, {n: majority[n] for n in order}, titles,
-                 list(groups.values())), left_out
+  ordered = sorted(groups.values(), key=lambda g: [display(v) for v in g.values.values()])
+  return Section(evaluation, {n: majority[n] for n in order}, titles, ordered), left_out
 
 
 def _diff(settings: dict[str, Any], reference: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from jaxdefense.evaluation import evaluate
 from jaxdefense.workdir import paths, run_config
 
 EVAL_FIELDS = ("results", "eps", "norm", "protocol", "checkpoint", "data")  # eval.json's own.
+PATTERN = set("*?[")  # An argument holding one names the directories it matches.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +125,30 @@ def read(workdir: str) -> Run | LeftOut:
   return Run(workdir=workdir, config=flatten(recorded["config"]), evaluation=evaluation,
              robust=robust, training=training, audit=audit, curves=curves,
              notes=tuple(notes + curve_notes))
+
+
+def expand(argument: str) -> list[str] | LeftOut:
+  """The workdirs an argument names: itself, or the directories its pattern matches (for
+  buckets, which no shell expands)."""
+  if not PATTERN & set(argument):
+    return [argument]
+  cut = argument[:min(argument.index(c) for c in PATTERN if c in argument)].rfind("/")
+  base, pattern = (argument[:cut], argument[cut + 1:]) if cut >= 0 else (".", argument)
+  root = paths.resolve(base)
+  found = sorted(str(p) for p in root.glob(pattern) if p.is_dir()) if root.exists() else []
+  return found or LeftOut(argument, "the pattern matches no directory")
+
+
+def read_all(arguments: list[str]) -> tuple[list[Run], list[LeftOut]]:
+  """The runs the arguments name (each once, patterns expanded), and what is left out."""
+  found: list[Run] = []
+  left_out: list[LeftOut] = []
+  for argument in dict.fromkeys(arguments):
+    expanded = expand(argument)
+    if isinstance(expanded, LeftOut):
+      left_out.append(expanded)
+      continue
+    for workdir in expanded:
+      run = read(workdir)
+      (left_out if isinstance(run, LeftOut) else found).append(run)
+  return found, left_out

@@ -173,7 +173,9 @@ def build(runs: Sequence[Run], left_out: Sequence[LeftOut], baseline: str | None
     members = [r for g in section.groups for r in g.runs]
     titles = {**_training_titles(members), **section.titles}
     rows, pairing = [], {}
-    for group in section.groups:
+    baselines_first = sorted(section.groups,
+                             key=lambda g: not (spec and grouping.is_baseline(g, spec)))
+    for group in baselines_first:
       warnings, verdict = _warnings(group, section)
       row = Row(group, _cells(group, list(titles)), {}, None, warnings, verdict)
       if spec and problem is None and not grouping.is_baseline(group, spec):

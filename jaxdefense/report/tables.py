@@ -30,7 +30,9 @@ def _significance(report: Report, row: Row) -> str:
   return summary_line(row.comparisons.get("worst_case"))
 
 
-def _main_table(report: Report, s: SectionReport) -> list[str]:
+def main_table(report: Report, s: SectionReport) -> list[str]:
+  """A section's table: a row per group, a column per accuracy, the worst case's paired
+  comparison with the baseline, the audit's verdict."""
   compare = bool(report.baseline) and report.baseline_problem is None
   head = ["group", "seeds", *s.titles.values()]
   head += [f"Worst case vs {_baseline_title(report)} (points, "
@@ -102,7 +104,7 @@ def markdown(report: Report) -> str:
               f"{s.section.evaluation.points} points per run. \"(training, N)\": each "
               "training's final in-training evaluation (results.json) on N test points; "
               "the other columns are eval.json's.", ""]
-    lines += _main_table(report, s) + [""]
+    lines += main_table(report, s) + [""]
     warnings = _warning_lines(s)
     if warnings:
       lines += [f"{MARK}: qualified by warnings of the evaluation or the audit:", "",
