@@ -183,10 +183,12 @@ def test_incomparable_runs_are_never_compared(tmp_path):
   [row] = [r for r in other.rows]
   assert re.match(r"its baseline \(defense=none\) was evaluated differently \(eps 0.2 vs "
                   r"0.1\): not compared", row.comparisons["pgd20"])
+  assert report.not_compared == [f"defense=cas ({paths[4]}): {row.comparisons['pgd20']}"]
   old = [make("old_none", outcomes=False), make("old_cas", config=cas, outcomes=False)]
   report = _report(tmp_path, old, "defense=none")
   [row] = [r for r in report.sections[0].rows if r.group.label == "defense=cas"]
   assert row.comparisons["pgd20"] == summary.NO_OUTCOMES
+  assert report.not_compared == [f"defense=cas ({old[1]}): {summary.NO_OUTCOMES}"]
   assert summary.mean_std(row.cells["pgd20"]) != "n/a"
 
 
@@ -318,6 +320,18 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, grid, flags_, message)
   [line] = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and message in line, line
   assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_confidence_flag_sets_the_intervals_level(tmp_path, grid):
+  out = tmp_path / "out"
+  assert _main(*grid, "--baseline=defense=none", "--confidence=0.9",
+               f"--output={out}").returncode == 0
+  rows = list(csv.DictReader(open(out / "report.csv")))
+  row = next(r for r in rows if r["column"] == "pgd20" and r["difference"])
+  low, high = significance.difference_interval(int(row["better"]), int(row["worse"]),
+                                               int(row["point_pairs"]), 0.9)
+  assert (float(row["interval_low"]), float(row["interval_high"])) == pytest.approx((low, high))
+  assert "90% interval" in (out / "report.md").read_text()
 
 
 def test_baseline_matching_no_run_still_writes_the_report(tmp_path, grid):

@@ -50,6 +50,8 @@ def main(argv: list[str]) -> None:
       print(f"left out: {item.line()}", file=sys.stderr, flush=True)
     if report.baseline_problem:
       print(f"no comparison: {report.baseline_problem}", file=sys.stderr, flush=True)
+    for line in report.not_compared:
+      print(f"not compared: {line}", file=sys.stderr, flush=True)
     if not found:
       raise errors.DataError("no workdir could be reported (each is listed above)")
     written = files.write(report, FLAGS.output)

@@ -68,13 +68,19 @@ class Report:
   baseline_problem: str | None    # Why no group could be compared, if so.
   confidence: float
   notes: list[str]                # Runs read in part, one line each.
+  not_compared: list[str]         # Groups not compared with a baseline: "label (workdirs): why".
 
 
 def _training_titles(runs: Sequence[Run]) -> dict[str, str]:
-  trained = next((r.training for r in runs if r.training), None) or {}
-  points = trained.get("num_examples", "?")
+  """"Natural (training, N)" and the in-training attack's title; where the runs' differ
+  (PGD-20, and PGD-20 on the CAS loss), what they share and "on each one's loss"."""
+  trained = [r.training for r in runs if r.training]
+  points = "/".join(sorted({str(t.get("num_examples", "?")) for t in trained})) or "?"
+  titles = {t.get("robust_attack", "PGD") for t in trained} or {"PGD"}
+  robust = (titles.pop() if len(titles) == 1 else
+            "/".join(sorted({t.split(" on ")[0] for t in titles})) + " on each one's loss")
   return {"training_natural": f"Natural (training, {points})",
-          "training_robust": f"{trained.get('robust_attack', 'PGD')} (training, {points})"}
+          "training_robust": f"{robust} (training, {points})"}
 
 
 def _cells(group: Group, columns: Sequence[str]) -> dict[str, Cell]:
@@ -168,7 +174,7 @@ def build(runs: Sequence[Run], left_out: Sequence[LeftOut], baseline: str | None
   spec = grouping.parse_baseline(baseline) if baseline else {}
   problem = grouping.baseline_problem(spec, runs) if spec and runs else None
   found, fields, dropped = grouping.sections(runs)
-  out = []
+  out, not_compared = [], []
   for section in found:
     members = [r for g in section.groups for r in g.runs]
     titles = {**_training_titles(members), **section.titles}
@@ -185,10 +191,14 @@ def build(runs: Sequence[Run], left_out: Sequence[LeftOut], baseline: str | None
         else:
           row.comparisons, pairing[group.label] = _comparisons(
               group, row.baseline, list(section.titles), confidence)
+        if row.comparisons.get("worst_case") in (why, NO_OUTCOMES):
+          not_compared.append(f"{group.label} ({', '.join(r.workdir for r in group.runs)}): "
+                              f"{row.comparisons['worst_case']}")
       rows.append(row)
     out.append(SectionReport(section, titles, rows, pairing))
   notes = [f"{r.workdir}: {n}" for r in runs for n in r.notes]
-  return Report(out, fields, [*left_out, *dropped], spec, problem, confidence, notes)
+  return Report(out, fields, [*left_out, *dropped], spec, problem, confidence, notes,
+                not_compared)
 
 
 def summary_line(comparison: significance.Comparison | str | None) -> str:

@@ -116,9 +116,10 @@ def markdown(report: Report) -> str:
   if len(report.sections) > 1:
     lines += ["Runs in different sections were evaluated differently (points, eps, norm, "
               "protocol or dtype) and are never compared.", ""]
-  if report.left_out or report.notes:
+  if report.left_out or report.notes or report.not_compared:
     lines += ["## Left out", ""]
     lines += [f"- {item.line()}" for item in report.left_out]
+    lines += [f"- not compared: {line}" for line in report.not_compared]
     lines += [f"- read in part: {note}" for note in report.notes]
     lines.append("")
   return "\n".join(lines)
