@@ -5,7 +5,9 @@ r"""The README's digits table: each defense trained with several seeds, evaluate
 
 For every defense and seed it trains `configs/quickstart.py:DEFENSE` with `--config.seed=S`
 into `WORKDIR/DEFENSE_sS`, evaluates the last checkpoint with `--config.eval.protocol` (the
-attack seed is the training seed) on the first `--num_examples` test points, then writes
+attack seed is the training seed) on the first `--num_examples` test points, audits the
+runs of `--audit_seeds` if any (`--mode=audit` at the same points, eps and checkpoint;
+each costs about an evaluation, AutoAttack included), then writes
 `python -m jaxdefense.report`'s report of those workdirs against `--baseline` into
 `--output` (default WORKDIR/report) and prints its table. Finished trainings and
 evaluations (same protocol and points) are reused, so an interrupted run resumes where it
@@ -43,7 +45,8 @@ def _evaluated(workdir: Path, protocol: str, num_examples: int) -> dict | None:
 
 
 def run_one(workdir: Path, defense: str, seed: int, protocol: str, num_examples: int,
-            batch_size: int, *, only_finished: bool = False) -> dict | None:
+            batch_size: int, *, audit: bool = False, only_finished: bool = False
+            ) -> dict | None:
   config = f"--config={ROOT / 'configs/quickstart.py'}:{defense}"
   if only_finished and _evaluated(workdir, protocol, num_examples) is None:
     return None
@@ -51,15 +54,18 @@ def run_one(workdir: Path, defense: str, seed: int, protocol: str, num_examples:
   if not (workdir / "results.json").exists():
     _run([config, f"--workdir={workdir}", f"--config.seed={seed}"])
   trained = time.time()
+  evaluation = [config, f"--workdir={workdir}", "--checkpoint=last", f"--config.seed={seed}",
+                f"--config.eval.seed={seed}", f"--config.eval.num_examples={num_examples}",
+                f"--config.eval.batch_size={batch_size}"]
   report = _evaluated(workdir, protocol, num_examples)
   if report is None:
-    _run(["--mode=eval", "--checkpoint=last", config, f"--workdir={workdir}",
-          f"--config.seed={seed}", f"--config.eval.seed={seed}",
-          f"--config.eval.protocol={protocol}", f"--config.eval.num_examples={num_examples}",
-          f"--config.eval.batch_size={batch_size}"])
+    _run(["--mode=eval", *evaluation, f"--config.eval.protocol={protocol}"])
     report = _evaluated(workdir, protocol, num_examples)
+  evaluated = time.time()
+  if audit and not only_finished and not (workdir / "audit.json").exists():
+    _run(["--mode=audit", *evaluation])
   print(f"{defense} seed {seed}: train {trained - started:.0f} s, eval "
-        f"{time.time() - trained:.0f} s", flush=True)
+        f"{evaluated - trained:.0f} s, audit {time.time() - evaluated:.0f} s", flush=True)
   return report
 
 
@@ -71,6 +77,8 @@ def main() -> None:
   p.add_argument("--num_examples", type=int, default=120)
   p.add_argument("--batch_size", type=int, default=120)
   p.add_argument("--workdir", default="workdirs/seeds")
+  p.add_argument("--audit_seeds", default="",
+                 help="the seeds whose runs are also audited (--mode=audit), e.g. 0,1")
   p.add_argument("--baseline", default="defense=none",
                  help="the report's --baseline (FIELD=VALUE)")
   p.add_argument("--output", help="the report's directory (default WORKDIR/report)")
@@ -82,8 +90,9 @@ def main() -> None:
   for defense in a.defenses.split(","):
     for seed in (int(s) for s in a.seeds.split(",")):
       workdir = root / f"{defense}_s{seed}"
+      audit = str(seed) in a.audit_seeds.split(",")  # "" audits none.
       if run_one(workdir, defense, seed, a.protocol, a.num_examples, a.batch_size,
-                 only_finished=a.only_finished) is not None:
+                 audit=audit, only_finished=a.only_finished) is not None:
         finished.append(str(workdir))
   found, left_out = runs.read_all(finished)
   report = summary.build(found, left_out, a.baseline)

@@ -34,10 +34,11 @@ NOT_THE_EXPERIMENT = (
 ALIASES = {"defense": "defense.name", "objective": "objective.name", "arch": "model.arch",
            "data": "data.name"}
 CHECKPOINT = "checkpoint"  # eval.json's: best or latest, part of what a group is.
-# Per-attack entries of eval.json that are outcomes or bookkeeping, not settings.
+# Per-attack entries of eval.json that are outcomes or bookkeeping, not settings (AutoAttack's
+# chunks change how the work is batched, not its results).
 NOT_SETTINGS = ("title", "accuracy", "num_points", "seed", "time_s", "forward_passes",
                 "backward_passes", "non_finite_points", "robust_after", "checks", "warnings",
-                "skipped", "eps", "norm")
+                "skipped", "eps", "norm", "chunks")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,12 +73,12 @@ class Report:
 
 def _training_titles(runs: Sequence[Run]) -> dict[str, str]:
   """"Natural (training, N)" and the in-training attack's title; where the runs' differ
-  (PGD-20, and PGD-20 on the CAS loss), what they share and "on each one's loss"."""
+  (PGD-20, and PGD-20 on the CAS loss), what they share and "defense's loss"."""
   trained = [r.training for r in runs if r.training]
   points = "/".join(sorted({str(t.get("num_examples", "?")) for t in trained})) or "?"
   titles = {t.get("robust_attack", "PGD") for t in trained} or {"PGD"}
   robust = (titles.pop() if len(titles) == 1 else
-            "/".join(sorted({t.split(" on ")[0] for t in titles})) + " on each one's loss")
+            "/".join(sorted({t.split(" on ")[0] for t in titles})) + ", defense's loss")
   return {"training_natural": f"Natural (training, {points})",
           "training_robust": f"{robust} (training, {points})"}
 
