@@ -1,4 +1,4 @@
-r"""The README's digits table: each defense trained with several seeds, evaluated under one protocol.
+r"""The README's digits table: each defense trained with several seeds and evaluated alike.
 
     python benchmarks/digits_seeds.py --defenses=none,cas,fsr,cifs   # seeds 0 1 2
     python benchmarks/digits_seeds.py --defenses=none,cifs --seeds=0 --num_examples=60

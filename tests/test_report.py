@@ -261,6 +261,11 @@ def test_command_line_writes_the_report_and_says_what_it_left_out(tmp_path, grid
   noeval = write_run(tmp_path / "runs" / "noeval", robust={"natural": flags(rng, 0.9),
                                                            "pgd20": flags(rng, 0.5)})
   os.remove(os.path.join(noeval, "eval.json"))
+  partial = write_run(tmp_path / "runs" / "partial", robust={"natural": flags(rng, 0.9),
+                                                             "pgd20": flags(rng, 0.5)})
+  with open(os.path.join(partial, "eval.json"), "w") as f:
+    json.dump({"results": {"natural": {"accuracy": 1.0}}, "eps": 0.1, "norm": "linf",
+               "protocol": "full", "checkpoint": "best", "data": "digits"}, f)
   out = tmp_path / "report"
   result = _main(*grid, tmp_path / "runs" / "*", tmp_path / "missing",
                  "--baseline=defense=none", f"--output={out}")
@@ -268,8 +273,10 @@ def test_command_line_writes_the_report_and_says_what_it_left_out(tmp_path, grid
   lines = [l for l in result.stderr.splitlines() if l.startswith("left out: ")]
   expected = {os.path.join(tmp_path, "runs", "untrained"): "no readable config.json",
               broken: "eval.json is unreadable (JSONDecodeError",
-              noeval: "no evaluation (eval.json)", str(tmp_path / "missing"): "no such directory"}
-  assert len(lines) == 4
+              noeval: "no evaluation (eval.json)", str(tmp_path / "missing"): "no such directory",
+              partial: "eval.json lacks results per column (natural's num_points, each "
+                       "column's title): not written by `main.py --mode=eval`"}
+  assert len(lines) == 5
   for workdir, reason in expected.items():
     assert any(l.startswith(f"left out: {workdir}: {reason}") for l in lines), (workdir, lines)
   assert sorted(os.listdir(out)) == ["report.csv", "report.md", "report.tex",

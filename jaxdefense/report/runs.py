@@ -110,9 +110,14 @@ def read(workdir: str) -> Run | LeftOut:
     return LeftOut(workdir, why or "no evaluation (eval.json): run `python main.py "
                    "--mode=eval --config=... --workdir=...` on it first")
   missing = [k for k in EVAL_FIELDS if k not in evaluation]
-  if missing or not isinstance(evaluation["results"], dict):
-    return LeftOut(workdir, f"eval.json lacks {', '.join(missing) or 'results'}: not "
-                   "written by `main.py --mode=eval`")
+  results = evaluation.get("results")
+  if not missing and not (isinstance(results, dict) and "num_points" in results.get("natural", {})
+                          and all(isinstance(r, dict) and "title" in r
+                                  for r in results.values())):
+    missing = ["results per column (natural's num_points, each column's title)"]
+  if missing:
+    return LeftOut(workdir, f"eval.json lacks {', '.join(missing)}: not written by "
+                   "`main.py --mode=eval`")
   try:
     robust = evaluate.robust_points(evaluation)
   except (KeyError, TypeError, ValueError) as e:
