@@ -131,11 +131,11 @@ def _warnings(group: Group, section: Section) -> tuple[dict[str, list[str]], str
     results = run.evaluation["results"]
     for column, r in results.items():
       for warning in r.get("warnings", ()):
-        out.setdefault(column, []).append(f"seed {run.seed}: {r['title']}: {warning}")
+        out.setdefault(column, []).append(f"seed {run.seed}: {warning}")
       if r.get("non_finite_points"):
         out.setdefault(column, []).append(
-            f"seed {run.seed}: {r['title']}: {r['non_finite_points']} point(s) with "
-            "non-finite x' or logits, counted as not robust")
+            f"seed {run.seed}: {r['non_finite_points']} point(s) with non-finite x' or "
+            "logits, counted as not robust")
     a = run.audit
     if a is None:
       continue
