@@ -301,13 +301,21 @@ def test_workdirs_and_report_in_a_bucket(tmp_path, grid, gcs_bucket):
     for name in os.listdir(local):
       epath.Path(f"{gcs_bucket}/runs/{os.path.basename(local)}/{name}").write_bytes(
           open(os.path.join(local, name), "rb").read())
-  result = _main(f"{gcs_bucket}/runs/*", "--baseline=defense=none",
-                 f"--output={gcs_bucket}/report")
+  baseline = "--baseline=defense=none,objective=pgd_at"  # As docs/report.md shows it.
+  result = _main(f"{gcs_bucket}/runs/*", baseline, f"--output={gcs_bucket}/report")
   assert result.returncode == 0, result.stderr
-  assert _main(*grid, "--baseline=defense=none", f"--output={tmp_path}/report").returncode == 0
+  assert _main(*grid, baseline, f"--output={tmp_path}/report").returncode == 0
   remote = epath.Path(f"{gcs_bucket}/report/report.md").read_text()
   local = (tmp_path / "report" / "report.md").read_text()
   assert remote.replace(f"{gcs_bucket}/runs/", "") == local.replace(f"{tmp_path}/", "")
+  # Both fields named: the one baseline group is every other group's.
+  rows = list(csv.DictReader(io.StringIO(
+      epath.Path(f"{gcs_bucket}/report/report.csv").read_text())))
+  assert {r["group"]: r["baseline"] for r in rows if r["column"] == "pgd20"} == {
+      "defense=none, objective=pgd_at": "",
+      "defense=none, objective=trades": "defense=none, objective=pgd_at",
+      "defense=cas, objective=pgd_at": "defense=none, objective=pgd_at",
+      "defense=cas, objective=trades": "defense=none, objective=pgd_at"}
   assert sorted(p.name for p in epath.Path(f"{gcs_bucket}/report").iterdir()) == [
       "report.csv", "report.md", "report.tex", "robust_accuracy.png"]
 

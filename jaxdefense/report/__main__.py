@@ -1,6 +1,7 @@
 r"""From runs to the paper's table (docs/report.md).
 
-    python -m jaxdefense.report workdirs/seeds/* --output=reports/seeds --baseline=defense=none
+    python -m jaxdefense.report workdirs/seeds/*_s* --output=workdirs/seeds/report \
+        --baseline=defense=none
     python -m jaxdefense.report 'gs://BUCKET/runs/*' --output=gs://BUCKET/reports/runs
 
 Reads each WORKDIR's config.json, results.json, eval.json, audit.json and metrics.jsonl;

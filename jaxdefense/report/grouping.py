@@ -88,8 +88,7 @@ class Group:
 @dataclasses.dataclass
 class Section:
   evaluation: Evaluation
-  attacks: dict[str, dict[str, Any]]  # Attack name -> its settings, in run order.
-  titles: dict[str, str]              # eval.json column name -> title, natural first.
+  titles: dict[str, str]  # eval.json column name -> title, natural first, worst case last.
   groups: list[Group]
 
 
@@ -130,9 +129,9 @@ def attack_settings(run: Run) -> dict[str, dict[str, Any]]:
 
 def _section(evaluation: Evaluation, runs: list[Run], fields: list[str]
              ) -> tuple[Section, list[LeftOut]]:
-  """The section of `runs` (one evaluation): each attack's settings are those of the first
-  run that ran it with the most common settings; runs that ran one otherwise, and a second
-  run of a group with the same seed, are left out."""
+  """The section of `runs` (one evaluation): each attack's settings are the most common
+  among the runs that ran it (the first run's on a tie); runs that ran one otherwise, and a
+  second run of a group with the same seed, are left out."""
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   for run in runs:
     for name, settings in attack_settings(run).items():
@@ -163,9 +162,8 @@ def _section(evaluation: Evaluation, runs: list[Run], fields: list[str]
     for name, r in run.evaluation["results"].items():
       titles.setdefault(name, r["title"])
   titles["worst_case"] = titles.pop("worst_case")  # Last, after every attack.
-  order = [n for n in titles if n in majority]
   ordered = sorted(groups.values(), key=lambda g: [display(v) for v in g.values.values()])
-  return Section(evaluation, {n: majority[n] for n in order}, titles, ordered), left_out
+  return Section(evaluation, titles, ordered), left_out
 
 
 def _diff(settings: dict[str, Any], reference: dict[str, Any]) -> str:
@@ -218,15 +216,15 @@ def matches(value: Any, text: str) -> bool:
 
 def baseline_problem(spec: dict[str, str], runs: Sequence[Run]) -> str | None:
   """Why --baseline matches no run (naming the values there are), or None."""
+  experiments = [experiment(r) for r in runs]
   for field, text in spec.items():
-    values = sorted({display(experiment(r).get(field)) for r in runs
-                     if field in experiment(r)})
+    values = sorted({display(e[field]) for e in experiments if field in e})
     if not values:
       return (f"--baseline: no run's config has the field {field!r} (differing fields are "
               f"the ones to name: {', '.join(map(short_name, differing_fields(runs))) or 'none'})")
-    if not any(matches(experiment(r).get(field), text) for r in runs):
+    if not any(matches(e.get(field), text) for e in experiments):
       return f"--baseline: no run has {short_name(field)}={text} (its values: {', '.join(values)})"
-  if not any(all(matches(experiment(r).get(f), t) for f, t in spec.items()) for r in runs):
+  if not any(all(matches(e.get(f), t) for f, t in spec.items()) for e in experiments):
     return f"--baseline: no run has {', '.join(f'{short_name(f)}={t}' for f, t in spec.items())}"
   return None
 

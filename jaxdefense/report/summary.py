@@ -191,9 +191,10 @@ def build(runs: Sequence[Run], left_out: Sequence[LeftOut], baseline: str | None
         else:
           row.comparisons, pairing[group.label] = _comparisons(
               group, row.baseline, list(section.titles), confidence)
-        if row.comparisons.get("worst_case") in (why, NO_OUTCOMES):
+          why = NO_OUTCOMES if row.comparisons["worst_case"] == NO_OUTCOMES else ""
+        if why:
           not_compared.append(f"{group.label} ({', '.join(r.workdir for r in group.runs)}): "
-                              f"{row.comparisons['worst_case']}")
+                              f"{why}")
       rows.append(row)
     out.append(SectionReport(section, titles, rows, pairing))
   notes = [f"{r.workdir}: {n}" for r in runs for n in r.notes]
